@@ -1,0 +1,149 @@
+"""The fashionmv TFDS builder on dummy_data/, a tiny copy of the release layout.
+
+dummy_data/ holds: a DeepFashion product id with slashes and 7 views (capped at 5, one
+an RGBA PNG), a product whose second view is a truncated JPEG, a product whose only
+image is corrupt (dropped), grayscale views, both FashionGen folders, and triplets
+that point at a missing product and at the dropped one.
+"""
+
+import json
+
+from etils import epath
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import tfds_fashionmv
+from tfds_fashionmv import fashionmv_dataset_builder
+
+DUMMY = epath.Path(fashionmv_dataset_builder.__file__).parent / "dummy_data"
+
+
+class _TFRecordVariant:
+  """TFDS's own conformance checks read through tf.data (`as_dataset`), which
+  array_record files do not support, so they build the TFRecord variant; the tests
+  below cover the array_record default through `tfds.data_source`."""
+
+  DATASET_CLASS = fashionmv_dataset_builder.Builder
+
+  def _make_builder(self, config=None):
+    return self.dataset_class(data_dir=self.tmp_dir, config=config,
+                              version=self.VERSION, file_format="tfrecord")
+
+
+class FashionMVProductsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCase):
+  BUILDER_CONFIG_NAMES_TO_TEST = ["products"]
+  SPLITS = {"train": 4, "validation": 5}
+
+
+class FashionMVTripletsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCase):
+  BUILDER_CONFIG_NAMES_TO_TEST = ["triplets"]
+  SPLITS = {"train": 2, "validation": 2}
+
+
+def _build(tmp_path, config, manual_dir=DUMMY):
+  builder = tfds.builder(f"fashionmv/{config}", data_dir=tmp_path)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def _by_id(source):
+  return {ex["product_id"].decode(): ex for ex in (source[i] for i in range(len(source)))}
+
+
+def test_products_views_captions_and_drops(tmp_path):
+  builder = _build(tmp_path, "products")
+  assert builder.info.file_format.value == "array_record"
+  train = _by_id(tfds.data_source("fashionmv/products", split="train",
+                                  data_dir=tmp_path))
+  assert sorted(train) == ["100001", "MEN/Shirts/id_00000002/01",
+                           "WOMEN/Dresses/id_00000001/01", "dresses/31000001"]
+  dress = train["WOMEN/Dresses/id_00000001/01"]
+  assert dress["num_views"] == 5 and len(dress["views"]) == 5
+  assert all(v.shape == (24, 24, 3) and v.dtype == np.uint8 for v in dress["views"])
+  assert [c.decode() for c in dress["view_captions"]] == ["front", "back"]
+  assert dress["caption_short"] == b"short WOMEN/Dresses/id_00000001/01"
+  shirt = train["MEN/Shirts/id_00000002/01"]
+  assert shirt["num_views"] == 2  # the corrupt middle view is skipped
+  assert dict(zip(shirt["extra_texts"]["name"], shirt["extra_texts"]["text"])) == {
+      b"material": b"cotton shirt"}
+  assert train["100001"]["source"] == b"fashiongen"
+  assert train["dresses/31000001"]["caption_long"] == b"A long caption of dresses/31000001."
+  val = _by_id(tfds.data_source("fashionmv/products", split="validation",
+                                data_dir=tmp_path))
+  assert val["WOMEN/Skirts/id_00500001/02"]["views"][1].shape == (24, 24, 3)  # was L
+
+  report = builder.info.metadata["build_report"]
+  assert report["train"]["products"] == 4
+  assert report["train"]["products_dropped_no_folder"] == ["f200k/dresses/31000002"]
+  assert report["train"]["products_dropped_no_readable_image"] == [
+      "fashiongen_train/100002"]
+  assert report["train"]["corrupt_image_files"] == [
+      "deepfashion/MEN/Shirts/id_00000002/01/02_back.jpg",
+      "fashiongen_train/100002/0.jpg"]
+  assert report["train"]["files_beyond_view_cap"] == 2
+  assert report["validation"]["products_dropped_no_folder"] == [
+      "deepfashion/WOMEN/Skirts/id_00500003/02"]
+  # The report is in the metadata a reader gets from disk, not only in memory.
+  on_disk = json.loads((epath.Path(builder.data_dir) / "metadata.json").read_text())
+  assert on_disk["build_report"] == report
+  reloaded = tfds.builder_from_directory(builder.data_dir)
+  assert reloaded.info.metadata["build_report"]["train"]["products"] == 4
+
+
+def test_triplets_drop_those_pointing_at_dropped_products(tmp_path):
+  builder = _build(tmp_path, "triplets")
+  train = tfds.data_source("fashionmv/triplets", split="train", data_dir=tmp_path)
+  rows = {int(train[i]["row"]): train[i] for i in range(len(train))}
+  assert sorted(rows) == [1, 4]
+  assert rows[4]["target_id"] == b"WOMEN/Dresses/id_00000001/01"
+  assert rows[4]["modification_text_long"].startswith(b"Change ")
+  assert dict(zip(rows[4]["extra_texts"]["name"], rows[4]["extra_texts"]["text"])) == {
+      b"reasoning": b"a dress instead of a shirt"}
+  dropped = builder.info.metadata["build_report"]["train"]["triplets_dropped"]
+  assert [(d["row"], d["dropped_products"]) for d in dropped] == [
+      (2, ["dresses/31000002"]), (3, ["100002"])]
+  val_dropped = builder.info.metadata["build_report"]["validation"]["triplets_dropped"]
+  assert [d["row"] for d in val_dropped] == [3]
+
+
+def test_missing_manual_dir_says_what_to_download(tmp_path):
+  with pytest.raises(AssertionError, match="data/train_triplets.jsonl"):
+    _build(tmp_path / "data", "products", manual_dir=tmp_path / "nowhere")
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+  release = tmp_path / "release"
+  (release / "images").mkdir(parents=True)
+  (release / "data").mkdir()
+  (release / "data" / "train_triplets.jsonl").write_text("")
+  with pytest.raises(FileNotFoundError) as error:
+    _build(tmp_path / "data", "products", manual_dir=release)
+  message = str(error.value)
+  assert "data/val_triplets.jsonl" in message and "data/train_captions.jsonl" in message
+  assert "images/deepfashion/<product_id>" in message  # says where things go
+
+
+def test_unknown_caption_schema_names_the_keys_seen(tmp_path):
+  release = tmp_path / "release"
+  (release / "images" / "f200k" / "a").mkdir(parents=True)
+  (release / "data").mkdir()
+  for name in ("train_triplets", "val_triplets", "val_captions"):
+    (release / "data" / f"{name}.jsonl").write_text("")
+  (release / "data" / "train_captions.jsonl").write_text(
+      json.dumps({"product_id": "a", "dataset": "f200k", "blurb": 3,
+                  "text_en": ["x"]}) + "\n")
+  with pytest.raises(tfds_fashionmv.ReleaseError) as error:
+    _build(tmp_path / "data", "products", manual_dir=release)
+  message = str(error.value)
+  assert "train_captions.jsonl" in message
+  assert "'blurb'" in message and "'text_en'" in message and "caption_long" in message
+
+
+def test_bad_triplet_row_names_file_line_and_keys(tmp_path):
+  path = tmp_path / "train_triplets.jsonl"
+  path.write_text(json.dumps({"dataset": "f200k", "source_id": "a"}) + "\n")
+  with pytest.raises(tfds_fashionmv.ReleaseError,
+                     match=r"train_triplets.jsonl:1: .*lacks \['target_id', "):
+    tfds_fashionmv.release.read_triplets(epath.Path(path))

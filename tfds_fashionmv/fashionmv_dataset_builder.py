@@ -1,0 +1,237 @@
+"""FashionMV: multi-view products and composed image retrieval triplets, for TFDS."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+from absl import logging
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tfds_fashionmv import release
+
+_DESCRIPTION = """
+FashionMV is a product-level composed image retrieval dataset: 127K fashion products,
+each seen from several views (472K images in all), with long and short captions, and
+220K triplets (source product, modification text, target product) drawn from
+DeepFashion, Fashion200K and FashionGen.
+
+Two configs:
+* `products`: one example per product, with its views (at most `max_views`, 5 by
+  default, in file-name order) and every caption text the release gives.
+* `triplets`: one example per triplet: ids and texts, no pixels; join with `products`
+  by (`source`, `product_id`).
+
+What the build drops is counted and written to the dataset's metadata under
+`build_report` (per split): products without a readable image, corrupt image files,
+views beyond the cap, and triplets whose source or target product was dropped.
+"""
+
+_CITATION = """
+@article{fashionmv2026,
+  title   = {FashionMV: Product-Level Composed Image Retrieval with Multi-View Fashion Data},
+  journal = {arXiv preprint arXiv:2604.10297},
+  year    = {2026}
+}
+"""
+
+_MANUAL_DOWNLOAD_INSTRUCTIONS = """
+FashionMV cannot be downloaded automatically. Put the release in one directory and pass
+it as `--manual_dir` (or `tfds.download.DownloadConfig(manual_dir=...)`):
+
+  <manual_dir>/data/train_triplets.jsonl     from the FashionMV release
+  <manual_dir>/data/val_triplets.jsonl
+  <manual_dir>/data/train_captions.jsonl
+  <manual_dir>/data/val_captions.jsonl
+  <manual_dir>/images/deepfashion/<product_id>/*.jpg     DeepFashion In-shop images
+  <manual_dir>/images/f200k/<product_id>/*.jpeg          Fashion200K images
+  <manual_dir>/images/fashiongen_val/<product_id>/*.jpg  FashionGen validation products
+  <manual_dir>/images/fashiongen_train/<product_id>/*.jpg  FashionGen training products
+
+Product ids may contain slashes (e.g. WOMEN/Dresses/id_00004544/02): they are folder
+paths. FashionGen ships images inside h5 files: extract them with
+`python tools/prepare_fashiongen.py --h5=fashiongen_256_256_validation.h5
+--out_dir=<manual_dir>/images/fashiongen_val` (and the same for the training file).
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class FashionMVConfig(tfds.core.BuilderConfig):
+  """`kind` is `products` or `triplets`; `max_views` caps the views per product."""
+
+  kind: str = "products"
+  max_views: int = release.DEFAULT_MAX_VIEWS
+
+
+def _text_pairs() -> tfds.features.Sequence:
+  return tfds.features.Sequence({"name": tfds.features.Text(),
+                                 "text": tfds.features.Text()})
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """FashionMV products and triplets from a local copy of the release."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release: products and triplets configs."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [
+      FashionMVConfig(name="products", kind="products",
+                      description="One example per product: views and captions."),
+      FashionMVConfig(name="triplets", kind="triplets",
+                      description="One example per CIR triplet: ids and texts."),
+  ]
+  DEFAULT_CONFIG_NAME = "products"
+
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format, **kwargs)
+    # array_record gives grain and tfds.data_source random access by index. A dataset
+    # already prepared in another format keeps the format it was written in.
+    if file_format is None and not self.is_prepared():
+      self.info.set_file_format("array_record", override=True)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    if self.builder_config.kind == "products":
+      features = {
+          "product_id": tfds.features.Text(),
+          "source": tfds.features.Text(),  # deepfashion | f200k | fashiongen
+          "views": tfds.features.Sequence(
+              tfds.features.Image(shape=(None, None, 3))),
+          "num_views": tfds.features.Scalar(dtype=np.int32),
+          "caption_long": tfds.features.Text(),
+          "caption_short": tfds.features.Text(),
+          "view_captions": tfds.features.Sequence(tfds.features.Text()),
+          "extra_texts": _text_pairs(),
+      }
+    else:
+      features = {
+          "source_id": tfds.features.Text(),
+          "target_id": tfds.features.Text(),
+          "source": tfds.features.Text(),
+          "modification_text_short": tfds.features.Text(),
+          "modification_text_long": tfds.features.Text(),
+          "extra_texts": _text_pairs(),
+          "row": tfds.features.Scalar(dtype=np.int32),
+      }
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict(features),
+        homepage="https://arxiv.org/abs/2604.10297",
+        citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = epath.Path(dl_manager.manual_dir)
+    missing = [f for files in release.SPLIT_FILES.values() for f in files
+               if not (manual_dir / f).exists()]
+    if missing:
+      raise FileNotFoundError(
+          f"FashionMV manual dir {manual_dir} lacks {missing}. Download the release "
+          f"annotations and lay them out as follows:\n"
+          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    if not (manual_dir / "images").is_dir():
+      raise FileNotFoundError(
+          f"FashionMV manual dir {manual_dir} has no images/ folder. Download the "
+          f"images as follows:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return {split: self._generate_examples(manual_dir, split)
+            for split in release.SPLIT_FILES}
+
+  def _generate_examples(self, manual_dir: epath.Path, split: str):
+    triplets_file, captions_file = release.SPLIT_FILES[split]
+    triplets = release.read_triplets(manual_dir / triplets_file)
+    captions, duplicate_caption_rows = release.read_captions(
+        manual_dir / captions_file)
+    # Every product a split mentions, in a deterministic order.
+    products = sorted(set(captions)
+                      | {(t.source, t.source_id) for t in triplets}
+                      | {(t.source, t.target_id) for t in triplets})
+    report: dict[str, Any] = {"max_views": self.builder_config.max_views,
+                              "duplicate_caption_rows": duplicate_caption_rows}
+    self.info.metadata.setdefault("build_report", {})[split] = report
+    if self.builder_config.kind == "products":
+      yield from self._products(manual_dir, split, products, captions, report)
+    else:
+      yield from self._triplets(manual_dir, split, products, triplets, report)
+    _log_report(self.builder_config.name, split, report)
+
+  def _scan(self, manual_dir, split, products, report, full: bool
+            ) -> Iterator[tuple[tuple[str, str], release.ProductViews]]:
+    """Scans product folders, records what it drops, yields the kept products.
+
+    A full scan reads up to `max_views` views and reports corrupt files; otherwise one
+    readable view is enough to know that a product is kept.
+    """
+    max_views = self.builder_config.max_views if full else 1
+    no_folder, unreadable, corrupt, beyond_cap = [], [], [], 0
+    report.update(products_dropped_no_folder=no_folder,
+                  products_dropped_no_readable_image=unreadable)
+    if full:
+      report["corrupt_image_files"] = corrupt
+    folders = [(release.image_folder(source, split), product_id)
+               for source, product_id in products]
+    scans = release.scan_products(manual_dir / "images", folders, max_views)
+    for product, (folder, _), scan in zip(products, folders, scans):
+      corrupt.extend(scan.corrupt_files)
+      beyond_cap += scan.files_beyond_cap
+      if not scan.views:
+        (unreadable if scan.folder_exists else no_folder).append(
+            f"{folder}/{product[1]}")
+        continue
+      yield product, scan
+    if full:
+      report["files_beyond_view_cap"] = beyond_cap
+
+  def _products(self, manual_dir, split, products, captions, report):
+    kept = 0
+    for (source, product_id), scan in self._scan(
+        manual_dir, split, products, report, full=True):
+      caption = captions.get((source, product_id), release.Captions())
+      kept += 1
+      yield f"{source}/{product_id}", {
+          "product_id": product_id,
+          "source": source,
+          "views": scan.views,
+          "num_views": len(scan.views),
+          "caption_long": caption.long,
+          "caption_short": caption.short,
+          "view_captions": list(caption.per_view),
+          "extra_texts": [{"name": k, "text": v} for k, v in caption.extra_texts],
+      }
+    report["products"] = kept
+
+  def _triplets(self, manual_dir, split, products, triplets, report):
+    kept_products = {product for product, _ in self._scan(
+        manual_dir, split, products, report, full=False)}
+    dropped = []
+    report["triplets_dropped"] = dropped
+    for t in triplets:
+      missing = [pid for pid in (t.source_id, t.target_id)
+                 if (t.source, pid) not in kept_products]
+      if missing:
+        dropped.append({"row": t.row, "source_id": t.source_id,
+                        "target_id": t.target_id, "dropped_products": missing})
+        continue
+      yield f"{split}/{t.row:09d}", {
+          "source_id": t.source_id,
+          "target_id": t.target_id,
+          "source": t.source,
+          "modification_text_short": t.modification_text_short,
+          "modification_text_long": t.modification_text_long,
+          "extra_texts": [{"name": k, "text": v} for k, v in t.extra_texts],
+          "row": t.row,
+      }
+    report["triplets"] = len(triplets) - len(dropped)
+
+
+def _log_report(config: str, split: str, report: dict[str, Any]) -> None:
+  """One summary line per split, with the counts of everything dropped."""
+  counts = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
+  logging.info("fashionmv/%s %s build report: %s", config, split, counts)
+  if any(counts.get(k) for k in ("products_dropped_no_folder",
+                                 "products_dropped_no_readable_image",
+                                 "corrupt_image_files", "triplets_dropped")):
+    logging.warning(
+        "fashionmv/%s %s dropped data; the full lists are in the dataset's "
+        "metadata.json under build_report.%s.", config, split, split)
