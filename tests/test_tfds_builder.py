@@ -7,6 +7,9 @@ that point at a missing product and at the dropped one.
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 from etils import epath
 import numpy as np
@@ -88,8 +91,10 @@ def test_products_views_captions_and_drops(tmp_path):
   # The report is in the metadata a reader gets from disk, not only in memory.
   on_disk = json.loads((epath.Path(builder.data_dir) / "metadata.json").read_text())
   assert on_disk["build_report"] == report
+  # Another project, with no fashionmv code, reads the built directory.
   reloaded = tfds.builder_from_directory(builder.data_dir)
   assert reloaded.info.metadata["build_report"]["train"]["products"] == 4
+  assert len(reloaded.as_data_source(split="train")) == 4
 
 
 def test_triplets_drop_those_pointing_at_dropped_products(tmp_path):
@@ -147,3 +152,16 @@ def test_bad_triplet_row_names_file_line_and_keys(tmp_path):
   with pytest.raises(tfds_fashionmv.ReleaseError,
                      match=r"train_triplets.jsonl:1: .*lacks \['target_id', "):
     tfds_fashionmv.release.read_triplets(epath.Path(path))
+
+
+def test_tfds_command_line_builds_both_configs(tmp_path):
+  tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
+  result = subprocess.run(
+      [str(tfds_cli), "build", "fashionmv", "--imports=tfds_fashionmv",
+       f"--manual_dir={DUMMY}", f"--data_dir={tmp_path}"],
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(tfds.data_source("fashionmv/products", split="train",
+                              data_dir=tmp_path)) == 4
+  assert len(tfds.data_source("fashionmv/triplets", split="validation",
+                              data_dir=tmp_path)) == 2

@@ -12,30 +12,8 @@ import tensorflow_datasets as tfds
 
 from tfds_fashionmv import release
 
-_DESCRIPTION = """
-FashionMV is a product-level composed image retrieval dataset: 127K fashion products,
-each seen from several views (472K images in all), with long and short captions, and
-220K triplets (source product, modification text, target product) drawn from
-DeepFashion, Fashion200K and FashionGen.
-
-Two configs:
-* `products`: one example per product, with its views (at most `max_views`, 5 by
-  default, in file-name order) and every caption text the release gives.
-* `triplets`: one example per triplet: ids and texts, no pixels; join with `products`
-  by (`source`, `product_id`).
-
-What the build drops is counted and written to the dataset's metadata under
-`build_report` (per split): products without a readable image, corrupt image files,
-views beyond the cap, and triplets whose source or target product was dropped.
-"""
-
-_CITATION = """
-@article{fashionmv2026,
-  title   = {FashionMV: Product-Level Composed Image Retrieval with Multi-View Fashion Data},
-  journal = {arXiv preprint arXiv:2604.10297},
-  year    = {2026}
-}
-"""
+# The description and citation live in README.md and CITATIONS.bib beside this
+# file, where TFDS reads them.
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """
 FashionMV cannot be downloaded automatically. Put the release in one directory and pass
@@ -115,10 +93,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "row": tfds.features.Scalar(dtype=np.int32),
       }
     return self.dataset_info_from_configs(
-        description=_DESCRIPTION,
         features=tfds.features.FeaturesDict(features),
         homepage="https://arxiv.org/abs/2604.10297",
-        citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
 
