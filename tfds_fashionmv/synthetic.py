@@ -31,7 +31,7 @@ PATTERNS = ("solid", "striped", "dotted", "checked", "floral")
 SLEEVES = ("sleeveless", "short-sleeved", "long-sleeved")
 LENGTHS = ("cropped", "regular", "long")
 ATTRIBUTES = ("category", "colour", "pattern", "sleeves", "length")
-_CHOICES = {"category": CATEGORIES, "colour": tuple(COLOURS), "pattern": PATTERNS,
+CHOICES = {"category": CATEGORIES, "colour": tuple(COLOURS), "pattern": PATTERNS,
             "sleeves": SLEEVES, "length": LENGTHS}
 VIEW_NAMES = ("front", "back", "side", "three-quarter", "close-up")
 
@@ -107,6 +107,8 @@ def _join(words: Sequence[str]) -> str:
 def modification_texts(source: Attributes, target: Attributes) -> tuple[str, str]:
   """(short, long) texts stating how target differs from source."""
   changed = [k for k in ATTRIBUTES if getattr(source, k) != getattr(target, k)]
+  if not changed:
+    raise ValueError(f"Source and target are the same product: {source}.")
   adjectives = []
   for key in ("colour", "pattern", "sleeves", "length"):
     if key in changed:
@@ -265,7 +267,7 @@ class _Catalogue:
     self.by_attributes: dict[Attributes, Product] = {}
 
   def random_attributes(self) -> Attributes:
-    return Attributes(**{k: str(self.rng.choice(_CHOICES[k])) for k in ATTRIBUTES})
+    return Attributes(**{k: str(self.rng.choice(CHOICES[k])) for k in ATTRIBUTES})
 
   def add(self, a: Attributes) -> Product:
     if a in self.by_attributes:
@@ -288,7 +290,7 @@ class _Catalogue:
     keys = self.rng.choice(ATTRIBUTES, size=n_changes, replace=False)
     changes = {}
     for k in keys:
-      options = [v for v in _CHOICES[k] if v != getattr(source.attributes, k)]
+      options = [v for v in CHOICES[k] if v != getattr(source.attributes, k)]
       changes[str(k)] = str(self.rng.choice(options))
     return self.add(source.attributes.replace(**changes))
 
