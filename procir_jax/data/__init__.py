@@ -1,0 +1,1 @@
+"""Input processing for ProCIR: images, dialogues, tokens and batches."""

@@ -1,0 +1,405 @@
+"""Qwen2-VL style image preprocessing for Qwen3.5, in NumPy and Pillow.
+
+An image is resized so that both sides are multiples of `patch_size *
+merge_size` and its area lies in [min_pixels, max_pixels], rescaled to [0, 1],
+normalised, and cut into flat patches in the order the Qwen3.5 vision tower
+expects:
+
+  (grid_t, grid_h / merge, grid_w / merge, merge, merge, channel, temporal,
+   patch, patch)
+
+where the first five axes are flattened into rows and the last four into the
+patch vector (3 * 2 * 16 * 16 = 1536 values for Qwen3.5). A still image is one
+temporal patch: its frame is repeated `temporal_patch_size` times.
+
+The output equals transformers' `Qwen2VLImageProcessorPil`, which is what
+`AutoImageProcessor.from_pretrained` returns for Qwen3.5 when torchvision is not
+installed (it is not a dependency of this project). Resampling uses Pillow's
+bicubic filter, exactly as that processor does. transformers' torchvision
+backend resamples in float32 rather than Pillow's fixed point, so where it is
+installed its resized pixels can differ from these by up to two grey levels
+(0.016 after normalising with std 0.5) in under 1% of the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+CONFIG_NAME = "preprocessor_config.json"
+
+# What ProCIR feeds Qwen3.5: the checkpoint's patching and normalisation with a
+# smaller pixel budget than the checkpoint's own (65536 to 16777216 pixels).
+PROCIR_MIN_PIXELS = 128 * 128
+PROCIR_MAX_PIXELS = 512 * 512
+
+# transformers' class defaults, used for keys a preprocessor_config.json leaves
+# out, so that a file is read the way transformers reads it.
+_HF_DEFAULTS = {
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 1280,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "image_mean": (0.48145466, 0.4578275, 0.40821073),
+    "image_std": (0.26862954, 0.26130258, 0.27577711),
+    "rescale_factor": 1 / 255,
+    "resample": 3,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+}
+_MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                 max_pixels: int) -> tuple[int, int]:
+  """Target size: sides multiples of `factor`, area near [min, max] pixels.
+
+  Keeps the aspect ratio as well as the rounding allows. The arithmetic follows
+  transformers step by step (Python's round-half-even included), since a
+  one-off size here changes the number of image tokens.
+
+  Args:
+    height: Input height in pixels.
+    width: Input width in pixels.
+    factor: The multiple both output sides must be (patch_size * merge_size).
+    min_pixels: Smallest area wanted.
+    max_pixels: Largest area allowed.
+
+  Returns:
+    (height, width) to resize to.
+
+  Raises:
+    ValueError: if a side is not positive or the aspect ratio exceeds 200.
+  """
+  if height <= 0 or width <= 0:
+    raise ValueError(f"image size must be positive, got {height}x{width}")
+  if max(height, width) / min(height, width) > _MAX_ASPECT_RATIO:
+    raise ValueError(
+        f"image of {height}x{width} has an aspect ratio over "
+        f"{_MAX_ASPECT_RATIO}; crop or pad it first")
+  new_h = round(height / factor) * factor
+  new_w = round(width / factor) * factor
+  if new_h * new_w > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    new_h = max(factor, math.floor(height / beta / factor) * factor)
+    new_w = max(factor, math.floor(width / beta / factor) * factor)
+  elif new_h * new_w < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    new_h = math.ceil(height * beta / factor) * factor
+    new_w = math.ceil(width * beta / factor) * factor
+  return new_h, new_w
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+  """An RGB uint8 array (H, W, 3) from a PIL image or a uint8 array.
+
+  Arrays are channels-last: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
+  Grey levels are copied to all three channels; transparent pixels are
+  composited onto white, as transformers does.
+
+  Args:
+    image: A PIL image of any mode, or a uint8 NumPy array.
+
+  Returns:
+    A uint8 array of shape (H, W, 3).
+  """
+  if isinstance(image, Image.Image):
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+      rgba = image.convert("RGBA")
+      white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+      image = Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("RGB"))
+
+  array = np.asarray(image)
+  if array.dtype != np.uint8:
+    raise TypeError(
+        f"image arrays must be uint8 with values 0..255, got {array.dtype}; "
+        "convert with np.clip(x * 255, 0, 255).round().astype(np.uint8) "
+        "for floats in [0, 1]")
+  if array.ndim == 2:
+    array = array[:, :, None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(
+        "image arrays must be channels-last (H, W), (H, W, 1), (H, W, 3) or "
+        f"(H, W, 4), got shape {array.shape}")
+  channels = array.shape[-1]
+  if channels == 1:
+    return np.repeat(array, 3, axis=-1)
+  if channels == 4:
+    alpha = array[..., 3:] / 255.0
+    blended = alpha * array[..., :3] + (1.0 - alpha) * 255.0
+    return np.round(blended).astype(np.uint8)
+  return array
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedImages:
+  """Patches of a batch of images, ready for the vision tower.
+
+  Attributes:
+    pixel_values: float32 [total_patches, 3 * temporal * patch * patch]; the
+      images' patches one after another, in input order.
+    image_grid_thw: int32 [num_images, 3]; each image's (t, h, w) patch grid.
+  """
+
+  pixel_values: np.ndarray
+  image_grid_thw: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+  """Turns images into Qwen3.5 vision patches.
+
+  Defaults are Qwen3.5's settings with ProCIR's pixel budget. Use
+  `from_pretrained` to read a checkpoint's preprocessor_config.json instead.
+
+  Attributes:
+    min_pixels: Images smaller than this area are upscaled.
+    max_pixels: Images larger than this area are downscaled.
+    patch_size: Side of a vision patch in pixels.
+    merge_size: Side of the group of patches the merger turns into one token.
+    temporal_patch_size: Frames per temporal patch; a still image is repeated.
+    image_mean: Per-channel mean, on the [0, 1] scale.
+    image_std: Per-channel standard deviation, on the [0, 1] scale.
+    rescale_factor: Multiplies the uint8 values before normalising.
+    resample: Pillow resampling filter (3 is bicubic).
+    do_resize: Resize (else sides must already be multiples of
+      patch_size * merge_size).
+    do_rescale: Apply `rescale_factor`.
+    do_normalize: Apply `image_mean` and `image_std`.
+  """
+
+  min_pixels: int = PROCIR_MIN_PIXELS
+  max_pixels: int = PROCIR_MAX_PIXELS
+  patch_size: int = 16
+  merge_size: int = 2
+  temporal_patch_size: int = 2
+  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  rescale_factor: float = 1 / 255
+  resample: int = Image.Resampling.BICUBIC.value
+  do_resize: bool = True
+  do_rescale: bool = True
+  do_normalize: bool = True
+  # Value of every uint8 level after rescaling and normalising, per channel.
+  _table: np.ndarray = dataclasses.field(
+      init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    for name in ("patch_size", "merge_size", "temporal_patch_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"{name} must be a positive integer, "
+                         f"got {getattr(self, name)!r}")
+    if not 0 < self.min_pixels <= self.max_pixels:
+      raise ValueError(
+          "need 0 < min_pixels <= max_pixels, got "
+          f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
+    if self.resample not in {r.value for r in Image.Resampling}:
+      raise ValueError(f"resample must be a Pillow filter code 0..5, "
+                       f"got {self.resample!r}")
+    object.__setattr__(self, "resample", int(self.resample))
+    object.__setattr__(self, "image_mean", _per_channel(self.image_mean,
+                                                        "image_mean"))
+    object.__setattr__(self, "image_std", _per_channel(self.image_std,
+                                                       "image_std"))
+    object.__setattr__(self, "_table", self._level_table())
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike[str],
+                      **overrides: Any) -> ImageProcessor:
+    """Reads a Hugging Face preprocessor_config.json.
+
+    Args:
+      path: A model directory holding preprocessor_config.json, or the file.
+      **overrides: Fields to set regardless of the file, e.g. ProCIR's
+        `min_pixels=PROCIR_MIN_PIXELS, max_pixels=PROCIR_MAX_PIXELS`.
+
+    Returns:
+      The processor.
+    """
+    path = os.fspath(path)
+    file = path if os.path.isfile(path) else os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+      raise FileNotFoundError(
+          f"{file} not found: a Qwen3.5 model directory holds the image "
+          f"processor settings in {CONFIG_NAME} (size, patch_size, "
+          "merge_size, image_mean, ...)")
+    with open(file, encoding="utf-8") as f:
+      try:
+        config = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    return cls.from_hf_config(config, **overrides)
+
+  @classmethod
+  def from_hf_config(cls, config: Mapping[str, Any],
+                     **overrides: Any) -> ImageProcessor:
+    """Builds the processor from the contents of a preprocessor_config.json.
+
+    Keys the file leaves out take transformers' class defaults (CLIP mean and
+    std, 14-pixel patches), not this class's, so that a file means what it
+    means to transformers. Top-level min_pixels/max_pixels win over `size`,
+    as in transformers.
+
+    Args:
+      config: The parsed JSON.
+      **overrides: Fields to set regardless of the file.
+
+    Returns:
+      The processor.
+    """
+    size = config.get("size") or {}
+    values = dict(_HF_DEFAULTS)
+    for ours, keys in (("min_pixels", ("shortest_edge", "min_pixels")),
+                       ("max_pixels", ("longest_edge", "max_pixels"))):
+      for key in keys:
+        if size.get(key) is not None:
+          values[ours] = size[key]
+          break
+      if config.get(ours) is not None:
+        values[ours] = config[ours]
+    for key in _HF_DEFAULTS:
+      if key not in ("min_pixels", "max_pixels") and key in config:
+        values[key] = config[key]
+    values.update(overrides)
+    return cls(**values)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """The settings as a preprocessor_config.json that transformers reads."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "size": {"shortest_edge": self.min_pixels,
+                 "longest_edge": self.max_pixels},
+        "patch_size": self.patch_size,
+        "merge_size": self.merge_size,
+        "temporal_patch_size": self.temporal_patch_size,
+        "image_mean": list(self.image_mean),
+        "image_std": list(self.image_std),
+        "rescale_factor": self.rescale_factor,
+        "resample": self.resample,
+        "do_resize": self.do_resize,
+        "do_rescale": self.do_rescale,
+        "do_normalize": self.do_normalize,
+        "do_convert_rgb": True,
+    }
+
+  def save_pretrained(self, directory: str | os.PathLike[str]) -> str:
+    """Writes preprocessor_config.json into `directory`; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    file = os.path.join(directory, CONFIG_NAME)
+    with open(file, "w", encoding="utf-8") as f:
+      json.dump(self.to_hf_config(), f, indent=2)
+      f.write("\n")
+    return file
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened patch: 3 * temporal * patch * patch."""
+    return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+  def resized_size(self, height: int, width: int) -> tuple[int, int]:
+    """The (height, width) an image of this size is resized to."""
+    factor = self.patch_size * self.merge_size
+    if self.do_resize:
+      return smart_resize(height, width, factor, self.min_pixels,
+                          self.max_pixels)
+    if height % factor or width % factor:
+      raise ValueError(
+          f"with do_resize=False both sides must be multiples of {factor} "
+          f"(patch_size * merge_size), got {height}x{width}")
+    return height, width
+
+  def grid_for(self, height: int, width: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of an image of this size."""
+    new_h, new_w = self.resized_size(height, width)
+    return 1, new_h // self.patch_size, new_w // self.patch_size
+
+  def num_image_tokens(self, height: int, width: int) -> int:
+    """How many <|image_pad|> tokens an image of this size takes."""
+    t, h, w = self.grid_for(height, width)
+    return t * h * w // self.merge_size ** 2
+
+  def __call__(self, images: Any) -> ProcessedImages:
+    """Processes one image or a sequence of images.
+
+    Args:
+      images: A PIL image or channels-last uint8 array, or a list of them;
+        sizes may differ.
+
+    Returns:
+      The patches of all images, concatenated, and each image's grid.
+    """
+    if isinstance(images, (Image.Image, np.ndarray)):
+      images = [images]
+    resized = []
+    for image in images:
+      rgb = to_rgb_array(image)
+      resized.append(self._resize(rgb, *self.resized_size(*rgb.shape[:2])))
+    p = self.patch_size
+    grids = np.asarray([(1, h // p, w // p) for h, w, _ in
+                        (r.shape for r in resized)], np.int32).reshape(-1, 3)
+    # Each image writes straight into its rows: no per-image copies to join.
+    pixel_values = np.empty((int(grids.prod(axis=1).sum()), self.patch_dim),
+                            np.float32)
+    start = 0
+    for rgb, (t, gh, gw) in zip(resized, grids):
+      end = start + t * gh * gw
+      self._patchify(rgb, pixel_values[start:end])
+      start = end
+    return ProcessedImages(pixel_values, grids)
+
+  def _resize(self, rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+      return rgb  # Pillow also returns an unchanged copy here.
+    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize(
+        (width, height), resample=self.resample)
+    return np.asarray(resized)
+
+  def _patchify(self, rgb: np.ndarray, out: np.ndarray) -> None:
+    """Writes the patches of one resized image into `out` [rows, patch_dim]."""
+    p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+    height, width, channels = rgb.shape
+    gh, gw = height // p, width // p
+    # Reorder the uint8 pixels first: moving bytes is 4x cheaper than floats.
+    blocks = rgb.reshape(gh // m, m, p, gw // m, m, p, channels)
+    blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
+    blocks = blocks.reshape(gh * gw, channels, 1, p * p)
+    out = out.reshape(gh * gw, channels, t, p * p)
+    for c in range(channels):
+      # Broadcasting over the temporal axis repeats the still frame.
+      out[:, c] = np.take(self._table[c], blocks[:, c])
+
+  def _level_table(self) -> np.ndarray:
+    """float32 [3, 256]: each uint8 level of each channel, fully processed.
+
+    Computed in the same precision as transformers (rescale in float64, cast
+    to float32, normalise in float32) so that the values are bit-identical.
+    """
+    levels = np.arange(256, dtype=np.uint8)[None, :].repeat(3, axis=0)
+    if self.do_rescale:
+      values = (levels.astype(np.float64) * self.rescale_factor).astype(
+          np.float32)
+    else:
+      values = levels.astype(np.float32)
+    if self.do_normalize:
+      mean = np.asarray(self.image_mean, np.float32)[:, None]
+      std = np.asarray(self.image_std, np.float32)[:, None]
+      values = (values - mean) / std
+    return values.astype(np.float32)
+
+
+def _per_channel(value: Any, name: str) -> tuple[float, float, float]:
+  if np.ndim(value) == 0:
+    return (float(value),) * 3
+  values = tuple(float(v) for v in value)
+  if len(values) != 3:
+    raise ValueError(f"{name} needs 1 or 3 values, got {len(values)}")
+  return values
