@@ -27,3 +27,30 @@ def tiny_tokenizer_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tiny_tokenizer")
   tiny_model.write_tokenizer_files(out, preset="tiny")
   return out
+
+
+SMALL_SYNTHETIC = dict(seed=0, train_products=12, train_triplets=20, val_products=6,
+                       val_triplets=8, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def fashionmv_release(tmp_path_factory):
+  """A small synthetic FashionMV in the release layout."""
+  from tfds_fashionmv import synthetic
+
+  out = tmp_path_factory.mktemp("release")
+  synthetic.generate(out, synthetic.SyntheticConfig(**SMALL_SYNTHETIC))
+  return out
+
+
+@pytest.fixture(scope="session")
+def fashionmv_data_dir(tmp_path_factory, fashionmv_release):
+  """Both TFDS configs built from `fashionmv_release`."""
+  import tensorflow_datasets as tfds
+  import tfds_fashionmv  # noqa: F401
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  for config in ("products", "triplets"):
+    tfds.builder(f"fashionmv/{config}", data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=fashionmv_release))
+  return data_dir

@@ -1,0 +1,186 @@
+"""FashionMV on disk: the TFDS `products` and `triplets` configs, joined by product id.
+
+Records are read with `tfds.data_source` as raw bytes and parsed with TFDS's NumPy
+example parser, so views stay encoded until a worker decodes them, building the id
+index never decodes an image, and no TensorFlow is imported at read time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_parser
+
+import tfds_fashionmv  # noqa: F401  (registers the fashionmv builder)
+
+ProductKey = tuple[str, str]  # (source, product_id)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """One product with its views still encoded (JPEG/PNG bytes)."""
+
+  product_id: str
+  source: str
+  views: tuple[bytes, ...]
+  caption_long: str
+  caption_short: str
+
+  @property
+  def key(self) -> ProductKey:
+    return (self.source, self.product_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplet:
+  source: str
+  source_id: str
+  target_id: str
+  texts: dict[str, str]  # modification_text_short, modification_text_long, extras
+  row: int
+
+
+class _RawSource:
+  """A tfds data source of raw records plus the parser for them (picklable)."""
+
+  def __init__(self, name: str, split: str, data_dir: str):
+    self.name, self.split = name, split
+    try:
+      self._source = tfds.data_source(
+          name, split=split, data_dir=data_dir, download=False,
+          deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    except Exception as e:  # tfds raises several types for a missing dataset
+      raise FileNotFoundError(
+          f"Cannot open {name} split {split!r} in {data_dir}: {e}. Build it first: "
+          f"tfds build fashionmv --imports=tfds_fashionmv --manual_dir=<release> "
+          f"--data_dir={data_dir}") from e
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._parser.parse_example(self._source[index])
+
+
+class Products:
+  """Random access to `fashionmv/products` by record index or by (source, id)."""
+
+  def __init__(self, data_dir: str, split: str):
+    self.split = split
+    self._raw = _RawSource("fashionmv/products", split, data_dir)
+    start = time.perf_counter()
+    self._index: dict[ProductKey, int] = {}
+    for i in range(len(self._raw)):
+      record = self._raw[i]
+      self._index[(_text(record["source"]), _text(record["product_id"]))] = i
+    logging.info("Indexed %d %s products in %.1fs.", len(self._index), split,
+                 time.perf_counter() - start)
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def __repr__(self) -> str:  # stable: grain keeps it in iterator checkpoints
+    return f"Products({self.split}, {len(self)})"
+
+  def __contains__(self, key: ProductKey) -> bool:
+    return key in self._index
+
+  def keys(self) -> list[ProductKey]:
+    return sorted(self._index)
+
+  def index_of(self, key: ProductKey) -> int:
+    try:
+      return self._index[key]
+    except KeyError:
+      raise KeyError(f"Product {key[1]!r} of {key[0]} is not in fashionmv/products "
+                     f"{self.split}.") from None
+
+  def __getitem__(self, index: int) -> Product:
+    record = self._raw[index]
+    return Product(
+        product_id=_text(record["product_id"]), source=_text(record["source"]),
+        views=tuple(bytes(v) for v in record["views"]),
+        caption_long=_text(record["caption_long"]),
+        caption_short=_text(record["caption_short"]))
+
+  def get(self, key: ProductKey) -> Product:
+    return self[self.index_of(key)]
+
+
+class Triplets:
+  """Random access to `fashionmv/triplets`, in file order."""
+
+  def __init__(self, data_dir: str, split: str):
+    self._raw = _RawSource("fashionmv/triplets", split, data_dir)
+    rows = [(int(self._raw[i]["row"]), i) for i in range(len(self._raw))]
+    # Stored order follows TFDS's key hashing; file order is easier to reason about.
+    self._order = [i for _, i in sorted(rows)]
+
+  def __len__(self) -> int:
+    return len(self._order)
+
+  def __repr__(self) -> str:
+    return f"Triplets({self._raw.split}, {len(self)})"
+
+  def __getitem__(self, index: int) -> Triplet:
+    record = self._raw[self._order[index]]
+    texts = {k: _text(record[k]) for k in ("modification_text_short",
+                                            "modification_text_long")}
+    extra = record["extra_texts"]
+    texts.update({_text(k): _text(v) for k, v in zip(extra["name"], extra["text"])})
+    return Triplet(source=_text(record["source"]), source_id=_text(record["source_id"]),
+                   target_id=_text(record["target_id"]), texts=texts,
+                   row=int(record["row"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinedTriplet:
+  triplet: Triplet
+  source: Product
+  target: Product
+
+
+class JoinedTriplets:
+  """Triplets with their source and target products: a grain random-access source."""
+
+  def __init__(self, products: Products, triplets: Triplets,
+               sources: Sequence[str] | None = None):
+    self.products, self.triplets = products, triplets
+    keep, missing = [], 0
+    for i in range(len(triplets)):
+      t = triplets[i]
+      if sources is not None and t.source not in sources:
+        continue
+      if (t.source, t.source_id) in products and (t.source, t.target_id) in products:
+        keep.append(i)
+      else:
+        missing += 1
+    if missing:
+      # The builder already drops such triplets; a mismatch means the two configs
+      # were built from different releases.
+      raise ValueError(
+          f"{missing} triplets point at products missing from fashionmv/products "
+          f"{products.split}; rebuild both configs from the same release.")
+    self._rows = np.asarray(keep, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __repr__(self) -> str:
+    return f"JoinedTriplets({self.triplets!r}, {len(self)})"
+
+  def __getitem__(self, index: int) -> JoinedTriplet:
+    t = self.triplets[int(self._rows[index])]
+    return JoinedTriplet(t, self.products.get((t.source, t.source_id)),
+                         self.products.get((t.source, t.target_id)))
