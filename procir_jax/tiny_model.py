@@ -18,7 +18,12 @@ import tokenizers
 from tokenizers import pre_tokenizers, trainers
 from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
+from flax import nnx
+
 from procir_jax.data import tokenizer as tok
+from procir_jax.models.qwen3_5 import (Qwen3_5Config, Qwen3_5Model,
+                                       Qwen3_5TextConfig, Qwen3_5VisionConfig,
+                                       save_pretrained)
 from tfds_fashionmv import synthetic
 
 # Ids are assigned in this order right after the BPE vocabulary.
@@ -42,9 +47,28 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# Model shapes. `tiny` is for tests; `small` is the embedded default's demo model,
+# sized to train in minutes on two CPU cores. head_dim * 0.25 / 2 rotary frequencies
+# must cover sum(mrope_section).
 PRESETS = {
-    "tiny": {"vocab_size": 512},
-    "small": {"vocab_size": 2048},
+    "tiny": dict(
+        vocab_size=512,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  linear_key_head_dim=16, linear_value_head_dim=16,
+                  linear_num_key_heads=2, linear_num_value_heads=4,
+                  mrope_section=(2, 1, 1)),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                    num_position_embeddings=64)),
+    "small": dict(
+        vocab_size=1024,
+        text=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+                  linear_key_head_dim=32, linear_value_head_dim=32,
+                  linear_num_key_heads=2, linear_num_value_heads=4,
+                  mrope_section=(2, 2, 2)),
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
+                    num_position_embeddings=256)),
 }
 
 
@@ -113,8 +137,33 @@ def write_tokenizer_files(out_dir: str | epath.Path, preset: str = "tiny",
     raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  tokenizer = train_tokenizer(training_texts(seed=seed), PRESETS[preset]["vocab_size"])
+  tokenizer = train_tokenizer(training_texts(seed=seed),
+                              PRESETS[preset]["vocab_size"])
   tokenizer.save_pretrained(str(out_dir))
   (out_dir / "preprocessor_config.json").write_text(
       json.dumps(preprocessor_config(), indent=2))
   return tokenizer
+
+
+def model_config(tokenizer, preset: str = "tiny") -> Qwen3_5Config:
+  """A Qwen3.5 config of the preset's shape, with the tokenizer's vocabulary and ids."""
+  shape = PRESETS[preset]
+  ids = tokenizer.convert_tokens_to_ids
+  text = Qwen3_5TextConfig(vocab_size=len(tokenizer), **shape["text"])
+  vision = Qwen3_5VisionConfig(out_hidden_size=text.hidden_size, **shape["vision"])
+  return Qwen3_5Config(
+      text=text, vision=vision, image_token_id=ids(tok.IMAGE_PAD),
+      video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids(tok.VISION_START),
+      vision_end_token_id=ids(tok.VISION_END), tie_word_embeddings=True,
+      hf_config={"eos_token_id": ids(tok.IM_END),
+                 "pad_token_id": tokenizer.pad_token_id})
+
+
+def write_model_dir(out_dir: str | epath.Path, preset: str = "tiny",
+                    seed: int = 0) -> epath.Path:
+  """Writes a complete model directory: tokenizer files, config and random weights."""
+  out_dir = epath.Path(out_dir)
+  tokenizer = write_tokenizer_files(out_dir, preset, seed)
+  model = Qwen3_5Model(model_config(tokenizer, preset), rngs=nnx.Rngs(seed))
+  save_pretrained(model, str(out_dir))
+  return out_dir
