@@ -93,3 +93,24 @@ def test_gradients_agree():
   for a, b in zip(grad(by_chunk),
                   grad(gated_delta.recurrent_gated_delta_rule)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("size", [64, 48, 5])
+def test_unit_lower_inverse(size):
+  rng = np.random.default_rng(size)
+  m = np.tril(rng.normal(size=(3, size, size)) * 0.3, -1).astype(np.float32)
+  inv = jax.jit(gated_delta.unit_lower_inverse)(jnp.asarray(m))
+  ref = np.linalg.inv(np.eye(size) + m.astype(np.float64))
+  np.testing.assert_allclose(inv, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_chunked_with_nearly_parallel_keys():
+  # Keys almost aligned, beta near 1, no decay: the hardest case for the
+  # intra-chunk inverse (large cancellations if done by power series).
+  q, k, v, g, beta = _inputs(1, 128, 2, 2, 16, 8, seed=9, decay=1e-4)
+  k = k * 0.05 + jnp.ones_like(k)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jnp.full_like(beta, 0.99)
+  out_r, _ = recurrent(q, k, v, g, beta)
+  out_c, _ = chunked(q, k, v, g, beta, chunk_size=64)
+  np.testing.assert_allclose(out_c, out_r, atol=1e-4, rtol=1e-3)
