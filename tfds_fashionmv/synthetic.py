@@ -70,6 +70,7 @@ class SyntheticConfig:
   val_products: int = 40
   val_triplets: int = 60
   image_size: int = 128
+  min_views: int = 1
   max_views: int = 5
 
 
@@ -261,8 +262,8 @@ class _Catalogue:
   """The products of one source and split; attribute combinations are unique."""
 
   def __init__(self, source: str, split: str, rng: np.random.Generator,
-               max_views: int):
-    self.source, self.split, self.rng, self.max_views = source, split, rng, max_views
+               views: tuple[int, int]):
+    self.source, self.split, self.rng, self.views = source, split, rng, views
     self.products: list[Product] = []
     self.by_attributes: dict[Attributes, Product] = {}
 
@@ -272,8 +273,9 @@ class _Catalogue:
   def add(self, a: Attributes) -> Product:
     if a in self.by_attributes:
       return self.by_attributes[a]
+    num_views = int(self.rng.integers(self.views[0], self.views[1] + 1))
     product = Product(_product_id(self.source, self.split, len(self.products), a),
-                      self.source, a, int(self.rng.integers(1, self.max_views + 1)))
+                      self.source, a, num_views)
     self.products.append(product)
     self.by_attributes[a] = product
     return product
@@ -317,7 +319,8 @@ def generate(out_dir: str | epath.Path, config: SyntheticConfig = SyntheticConfi
     caption_rows, triplet_rows, images = [], [], 0
     for source_index, source in enumerate(SOURCES):
       rng = np.random.default_rng([config.seed, split_index, source_index])
-      catalogue = _Catalogue(source, split, rng, config.max_views)
+      catalogue = _Catalogue(source, split, rng,
+                             (config.min_views, config.max_views))
       for _ in range(n_products):
         catalogue.add_random()
       dataset = image_folder(source, split)  # the release names rows by folder

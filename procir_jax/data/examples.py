@@ -73,7 +73,7 @@ class ExampleBuilder:
     return processed.pixel_values, processed.image_grid_thw, tokens
 
   @staticmethod
-  def _text_only(tokens: dialogue.Tokens) -> EncodedSequence:
+  def text_only(tokens: dialogue.Tokens) -> EncodedSequence:
     return EncodedSequence(tokens, np.zeros((0, 0), np.float32), np.zeros((0, 3), np.int32))
 
   def document(self, product: fashionmv.Product) -> EncodedSequence:
@@ -101,7 +101,7 @@ class ExampleBuilder:
   def caption(self, product: fashionmv.Product) -> tuple[EncodedSequence, bool]:
     """The product's alignment caption, and whether it has one."""
     text = getattr(product, self.options.align_caption)
-    return self._text_only(self.dialogues.caption(text or "")), bool(text)
+    return self.text_only(self.dialogues.caption(text or "")), bool(text)
 
   # --- modes ---------------------------------------------------------------------
 

@@ -151,6 +151,13 @@ _WITH_IMAGES = {"query": True, "document": True, "sft": True,
                 "source_caption": False, "target_caption": False}
 
 
+def make_collate(mode: str, config: DataConfig, pad_id: int, batch_size: int
+                 ) -> Collate:
+  return Collate(examples.sequence_names(mode, config.options),
+                 _num_emb(mode, config.options), _WITH_IMAGES, config.buckets, pad_id,
+                 batch_size)
+
+
 def make_builder(config: DataConfig) -> tuple[examples.ExampleBuilder, int]:
   """The example builder for the model directory, and the pad id."""
   tokenizer = tok.load_tokenizer(config.model_dir)
@@ -200,13 +207,11 @@ def make_loader(mode: str, config: DataConfig, records, *, train: bool
     # tests, other projects) nothing has parsed them, so take the defaults.
     flags.FLAGS.mark_as_parsed()
   builder, pad_id = make_builder(config)
-  names = examples.sequence_names(mode, config.options)
   sampler = grain.samplers.IndexSampler(
       num_records=len(records),
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
       shuffle=train, num_epochs=config.num_epochs if train else 1, seed=config.seed)
-  collate = Collate(names, _num_emb(mode, config.options), _WITH_IMAGES,
-                    config.buckets, pad_id, local_batch)
+  collate = make_collate(mode, config, pad_id, local_batch)
   return grain.DataLoader(
       data_source=records, sampler=sampler,
       operations=[MakeExample(builder, mode, config.buckets,
