@@ -205,9 +205,15 @@ def test_gated_deltanet_layer_parity(models):
     ref = hf.model.language_model.layers[idx].linear_attn(
         torch.tensor(x), attention_mask=torch.tensor(mask)).numpy()
   layer = model.language_model.layers[idx].linear_attn
-  ours = nnx.jit(lambda l, x, m: l(x, m))(layer, jnp.asarray(x),
-                                          jnp.asarray(mask))
-  assert_close(ours, ref, mask)
+  run = nnx.jit(lambda l, x, m: l(x, m))
+  assert layer.delta_rule == "chunked"
+  assert_close(run(layer, jnp.asarray(x), jnp.asarray(mask)), ref, mask)
+  # The per-token reference form gives the same layer output.
+  layer.delta_rule = "recurrent"
+  try:
+    assert_close(run(layer, jnp.asarray(x), jnp.asarray(mask)), ref, mask)
+  finally:
+    layer.delta_rule = "chunked"
 
 
 def test_attention_layer_parity(models):

@@ -21,13 +21,13 @@ so U = Wv - Wk S0 where Wv, Wk = (I + M)^-1 [beta * V, beta * exp(gamma) * K]
 do not depend on S0 and are computed for all chunks at once. The inverse of
 the unit lower triangular I + M is built by doubling the size of its diagonal
 blocks, inv([[A, 0], [B, D]]) = [[inv(A), 0], [-inv(D) B inv(A), inv(D)]]:
-only batched matmuls (fast on accelerators, unlike small triangular solves),
-and stable because every product is of blocks of the true inverse. Then
+batched matmuls only, rather than many small triangular solves, and stable
+because every product is of blocks of the true inverse. Then
 
   O  = (exp(gamma) * Q) S0 + tril(Q K^T * exp(gamma_t - gamma_s)) U
   S1 = exp(gamma_C) S0 + (exp(gamma_C - gamma) * K)^T U.
 
-Only the last three lines run sequentially, as a `lax.scan` over chunks.
+Only U, O and S1 depend on S0; they run in a `lax.scan` over chunks.
 """
 
 from __future__ import annotations
