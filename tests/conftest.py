@@ -54,3 +54,11 @@ def fashionmv_data_dir(tmp_path_factory, fashionmv_release):
     tfds.builder(f"fashionmv/{config}", data_dir=data_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=fashionmv_release))
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  """A complete tiny Qwen3.5 directory: tokenizer, processor config, random weights."""
+  from procir_jax import tiny_model
+
+  return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny_model"), "tiny")

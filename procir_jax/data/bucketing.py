@@ -1,8 +1,10 @@
 """Static shapes for jit: pad each batch to one of a few sizes, and measure the waste.
 
 Every batch of one sequence kind is padded to the smallest length bucket that holds its
-longest dialogue and the smallest patch bucket that holds its largest example, so a
-jitted step compiles once per bucket pair and never per batch. Rows of examples that
+longest dialogue, and its images to `max_images` slots per example of the smallest
+patch bucket that holds its largest image, so a jitted step compiles once per bucket
+pair and never per batch. One image per slot keeps the vision tower's attention a plain
+per-row mask, with no gathers. Rows of examples that
 were skipped (bad input) or that pad the last evaluation batch are all padding, and
 `valid` says so.
 """
@@ -24,10 +26,11 @@ class TooLargeError(BadExampleError):
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-  """Allowed padded sizes: tokens per sequence and image patches per example."""
+  """Allowed padded sizes: tokens per sequence and patches per image."""
 
   lengths: tuple[int, ...] = (64, 128, 256, 384, 512, 768, 1024)
-  patches: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 5120)
+  # 64 = 128x128 (the smallest image ProCIR feeds), 256 = 256x256, 1024 = 512x512.
+  patches: tuple[int, ...] = (64, 144, 256, 400, 576, 784, 1024)
   max_images: int = 5  # image slots per example (the view cap)
 
   def __post_init__(self):
@@ -51,11 +54,12 @@ class Buckets:
           f"{what} renders to {len(sequence.tokens)} tokens, more than the largest "
           f"length bucket {self.lengths[-1]}; raise data.buckets.lengths or lower "
           f"the image resolution.")
-    patches = len(sequence.pixel_values)
-    if patches and self._pick(self.patches, patches) < 0:
+    per_image = sequence.image_grid_thw.prod(axis=-1)
+    if len(per_image) and self._pick(self.patches, int(per_image.max())) < 0:
       raise TooLargeError(
-          f"{what} has {patches} image patches, more than the largest patch bucket "
-          f"{self.patches[-1]}; raise data.buckets.patches or lower max_pixels.")
+          f"{what} has an image of {int(per_image.max())} patches, more than the "
+          f"largest patch bucket {self.patches[-1]}; raise data.buckets.patches or "
+          f"lower max_pixels.")
     if len(sequence.image_grid_thw) > self.max_images:
       raise TooLargeError(f"{what} has {len(sequence.image_grid_thw)} images; at "
                           f"most {self.max_images} fit an example.")
@@ -74,10 +78,11 @@ class Buckets:
         "emb_positions": np.zeros((b, num_emb), np.int32),
     }
     if with_images:
-      most = max((len(s.pixel_values) for s in real), default=1)
+      most = max((int(s.image_grid_thw.prod(axis=-1).max(initial=1)) for s in real),
+                 default=1)
       patches = self._pick(self.patches, most)
       dim = next((s.pixel_values.shape[1] for s in real), 0)
-      out["pixel_values"] = np.zeros((b, patches, dim), np.float32)
+      out["pixel_values"] = np.zeros((b, self.max_images, patches, dim), np.float32)
       out["image_grid_thw"] = np.zeros((b, self.max_images, 3), np.int32)
     for i, s in enumerate(sequences):
       if s is None:
@@ -91,7 +96,10 @@ class Buckets:
                              f"{len(s.tokens.emb_positions)}.")
       out["emb_positions"][i] = s.tokens.emb_positions
       if with_images:
-        out["pixel_values"][i, :len(s.pixel_values)] = s.pixel_values
+        start = 0
+        for slot, count in enumerate(s.image_grid_thw.prod(axis=-1)):
+          out["pixel_values"][i, slot, :count] = s.pixel_values[start:start + count]
+          start += count
         out["image_grid_thw"][i, :len(s.image_grid_thw)] = s.image_grid_thw
     return out
 
@@ -115,9 +123,9 @@ class PaddingReport:
       if "pixel_values" in part:
         grid = np.asarray(part["image_grid_thw"])
         pixels = np.asarray(part["pixel_values"])
-        entry = self._patches[(name, pixels.shape[1])]
+        entry = self._patches[(name, pixels.shape[2])]
         entry[0] += int(grid.prod(axis=-1).sum())
-        entry[1] += pixels.shape[0] * pixels.shape[1]
+        entry[1] += int(np.prod(pixels.shape[:3]))
         entry[2] += 1
 
   def summary(self) -> dict[str, dict[str, float]]:

@@ -1,0 +1,107 @@
+"""Qwen3.5 over the pipeline's padded batches, fully traceable, and `<emb_all>` reads.
+
+The pipeline gives each example `max_images` image slots of M patches
+(`pixel_values` [B, V, M, D], `image_grid_thw` [B, V, 3], zero rows for empty slots).
+Every slot is one row of the vision tower's attention with a key mask, so the whole
+forward is one static-shape program per bucket, and nothing depends on the grid
+values at trace time. Hidden states equal the model's own per-example forward (a test
+holds them to it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from procir_jax.models.qwen3_5 import Qwen3_5Model, rope
+from procir_jax.models.qwen3_5.config import Qwen3_5VisionConfig
+from procir_jax.models.qwen3_5.vision import VisionLayout
+
+
+def slot_layout(image_grid_thw: jax.Array, max_len: int,
+                cfg: Qwen3_5VisionConfig) -> VisionLayout:
+  """Vision layout for [slots, max_len] patches, one (still) image per slot.
+
+  Patch j of a slot with grid (1, h, w) sits at the (row, col) the Qwen processor's
+  merge-block order gives it; its learned position embedding is the bilinear
+  resampling (aligned corners) of the square table to (h, w).
+  """
+  thw = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+  m = cfg.spatial_merge_size
+  h, w = thw[:, 1:2], thw[:, 2:3]
+  count = thw[:, 0:1] * h * w
+  blocks_per_row = jnp.maximum(w // m, 1)
+  j = jnp.arange(max_len)[None, :]
+  rows = (j // (m * m * blocks_per_row)) * m + (j // m) % m
+  cols = ((j // (m * m)) % blocks_per_row) * m + j % m
+  side = int(math.isqrt(cfg.num_position_embeddings))
+
+  def taps(index, size):
+    src = index.astype(jnp.float32) * (side - 1) / jnp.maximum(size - 1, 1)
+    lo = jnp.floor(src)
+    frac = src - lo
+    lo = lo.astype(jnp.int32)
+    idx = jnp.stack([jnp.clip(lo, 0, side - 1), jnp.clip(lo + 1, 0, side - 1)], -1)
+    return idx, jnp.stack([1 - frac, frac], -1)
+
+  r_idx, r_w = taps(rows, h)
+  c_idx, c_w = taps(cols, w)
+  interp_index = (r_idx[..., :, None] * side + c_idx[..., None, :]).reshape(-1, 4)
+  interp_weight = (r_w[..., :, None] * c_w[..., None, :]).reshape(-1, 4)
+  # Empty slots keep one key so their (unused) softmax rows stay finite.
+  key_valid = (j < count) | ((count == 0) & (j == 0))
+  return VisionLayout(
+      interp_index=interp_index, interp_weight=interp_weight,
+      rows=rows.reshape(-1), cols=cols.reshape(-1), num_segments=thw.shape[0],
+      max_len=max_len, key_valid=key_valid)
+
+
+def encode(model: Qwen3_5Model, part: Mapping[str, jax.Array]) -> jax.Array:
+  """Last hidden states [B, L, H] of one padded sequence batch from the pipeline."""
+  cfg = model.config
+  ids = jnp.asarray(part["input_ids"], jnp.int32)
+  mask = jnp.asarray(part["attention_mask"], jnp.int32)
+  embeds = model.language_model.embed_tokens(ids)
+  b, length = ids.shape
+  if "pixel_values" not in part:
+    return model.language_model(embeds, mask, rope.text_position_ids(b, length))
+  pixels, grid = part["pixel_values"], jnp.asarray(part["image_grid_thw"], jnp.int32)
+  _, slots, max_len, dim = pixels.shape
+  merge = cfg.vision.spatial_merge_size ** 2
+  features = model.visual(pixels.reshape(b * slots * max_len, dim),
+                          slot_layout(grid, max_len, cfg.vision))
+  per_slot = max_len // merge
+  features = features.reshape(b, slots * per_slot, -1)
+  # The k-th image token of an example takes the k-th real feature of its slots.
+  tokens = grid.prod(axis=-1) // merge  # [B, V]
+  ends = jnp.cumsum(tokens, axis=1)
+  is_img = (ids == cfg.image_token_id) & mask.astype(bool)
+  rank = jnp.cumsum(is_img, axis=1) - 1
+  slot = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(ends, rank)
+  slot = jnp.clip(slot, 0, slots - 1)
+  within = rank - (jnp.take_along_axis(ends, slot, 1) -
+                   jnp.take_along_axis(tokens, slot, 1))
+  index = jnp.clip(slot * per_slot + within, 0, slots * per_slot - 1)
+  picked = jnp.take_along_axis(features, index[..., None], axis=1)
+  embeds = jnp.where(is_img[..., None], picked.astype(embeds.dtype), embeds)
+  position_ids = rope.multimodal_position_ids(
+      ids, mask, grid.reshape(-1, 3), image_token_id=cfg.image_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size)
+  return model.language_model(embeds, mask, position_ids)
+
+
+def gather_embeddings(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """Hidden states at `<emb_all>` positions, L2-normalised in fp32: [B, E, H]."""
+  picked = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+  picked = picked.astype(jnp.float32)
+  return picked / jnp.maximum(jnp.linalg.norm(picked, axis=-1, keepdims=True), 1e-12)
+
+
+def numpy_batch(part: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """The arrays `encode` reads, as jax arrays (helper for eager use)."""
+  keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+  return {k: jnp.asarray(part[k]) for k in keys if k in part}
