@@ -190,7 +190,9 @@ def main(argv=None):
   parser.add_argument("--dtype", choices=["bfloat16", "float32"])
   parser.add_argument("--iters", type=int)
   parser.add_argument("--skip_torch", action="store_true",
-                      help="time only this port")
+                      help="time only this port (PyTorch only makes weights)")
+  parser.add_argument("--skip_jax", action="store_true",
+                      help="time only transformers")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time this port's vision tower and decoder "
                       "alone")
@@ -205,22 +207,20 @@ def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda and not args.skip_torch else "cpu"
   tdtype = getattr(torch, dtype_name)
   hcfg = hf_config(args.preset)
+  cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
   t0 = time.perf_counter()
   with torch.device(device):
     hf = transformers.Qwen3_5ForConditionalGeneration(hcfg)
   hf = hf.to(tdtype).eval()
-  cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
-  jdtype = jnp.dtype(dtype_name)
-  model = from_state_dict(cfg, {k: torch_to_numpy(v) for k, v in
-                                hf.state_dict().items()},
-                          dtype=jdtype, param_dtype=jdtype)
-  print(f"built both models in {time.perf_counter() - t0:.1f}s; torch "
-        f"{torch.__version__} on {device}, transformers "
+  card = torch.cuda.get_device_name(0) if cuda else jax.devices()[0].device_kind
+  print(f"built the PyTorch model in {time.perf_counter() - t0:.1f}s; "
+        f"torch {torch.__version__} on {device}, transformers "
         f"{transformers.__version__}, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}", flush=True)
+        f"{jax.devices()[0].device_kind}; card: {card}", flush=True)
 
   ids, mask, pix, thw = make_inputs(batch, views, image_size)
   flops = forward_flops(cfg, *ids.shape, thw)
@@ -228,24 +228,7 @@ def main(argv=None):
         f"image={image_size}px tokens/product={ids.shape[1]} "
         f"patches/batch={pix.shape[0]} dtype={dtype_name} "
         f"forward={flops / 1e9:.1f} GFLOP/batch", flush=True)
-
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def encode(state, ids, mask, pix):
-    return nnx.merge(graphdef, state)(ids, mask, pix, thw)
-
-  j_args = (state, jnp.asarray(ids), jnp.asarray(mask),
-            jnp.asarray(pix, jdtype))
-  t0 = time.perf_counter()
-  encode(*j_args).block_until_ready()
-  print(f"jax compile + first call {time.perf_counter() - t0:.1f}s",
-        flush=True)
-  j_time, j_out = timed(lambda: encode(*j_args),
-                        lambda x: x.block_until_ready(), iters)
-
-  kind = jax.devices()[0].device_kind
-  peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+  peak = next((v for k, v in PEAK_BF16.items() if k in card), None)
 
   def report(name, seconds):
     line = (f"{name:>12}: {batch / seconds:9.2f} products/s "
@@ -254,11 +237,35 @@ def main(argv=None):
       line += f", MFU {flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
     print(line, flush=True)
 
-  report("jax", j_time)
-  if args.breakdown:
-    breakdown(graphdef, state, ids, mask, pix, thw, jdtype, iters)
+  j_time = j_out = None
+  if not args.skip_jax:
+    jdtype = jnp.dtype(dtype_name)
+    t0 = time.perf_counter()
+    model = from_state_dict(cfg, {k: torch_to_numpy(v) for k, v in
+                                  hf.state_dict().items()},
+                            dtype=jdtype, param_dtype=jdtype)
+    print(f"loaded its weights into the port in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def encode(state, ids, mask, pix):
+      return nnx.merge(graphdef, state)(ids, mask, pix, thw)
+
+    j_args = (state, jnp.asarray(ids), jnp.asarray(mask),
+              jnp.asarray(pix, jdtype))
+    t0 = time.perf_counter()
+    encode(*j_args).block_until_ready()
+    print(f"jax compile + first call {time.perf_counter() - t0:.1f}s",
+          flush=True)
+    j_time, j_out = timed(lambda: encode(*j_args),
+                          lambda x: x.block_until_ready(), iters)
+    report("jax", j_time)
+    if args.breakdown:
+      breakdown(graphdef, state, ids, mask, pix, thw, jdtype, iters)
   if args.skip_torch:
     return
+
   t_args = dict(
       input_ids=torch.tensor(ids, dtype=torch.long, device=device),
       attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
@@ -272,6 +279,8 @@ def main(argv=None):
     t_time, t_out = timed(lambda: hf.model(**t_args).last_hidden_state, sync,
                           iters)
   report("transformers", t_time)
+  if j_time is None:
+    return
   print(f"ratio jax/transformers: {t_time / j_time:.2f}x", flush=True)
 
   # Same weights and inputs: the embeddings should agree up to the dtype.
