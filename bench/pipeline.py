@@ -90,7 +90,7 @@ def _ours(records, config, n):
         "source_caption": builder.text_only(captions[0]),
         "target_caption": builder.text_only(captions[1]),
         "has_source_caption": True, "has_target_caption": True},
-        "ids": {}, "error": None})
+        "ids": {}, "error": None, "index": i})
     if len(pending) == 8:
       collate(pending)
       pending = []

@@ -79,17 +79,35 @@ class _Subset:
     return f"Subset({self._source!r}, {len(self)})"
 
 
+class _Indexed:
+  """Records paired with their index, so batches can say which record each row is."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    return int(index), self._source[index]
+
+  def __repr__(self) -> str:
+    return repr(self._source)
+
+
 class MakeExample(grain.transforms.Map):
-  """Record -> {"sequences", "ids", "error"}; bad input raises or is marked skipped."""
+  """(index, record) -> {"sequences", "ids", "error", "index"}; bad input raises or
+  is marked skipped."""
 
   def __init__(self, builder: examples.ExampleBuilder, mode: str,
                buckets: bucketing.Buckets, skip_bad: bool):
     self._builder, self._mode = builder, mode
     self._buckets, self._skip_bad = buckets, skip_bad
 
-  def map(self, record):
+  def map(self, indexed):
+    index, record = indexed
     if record is None:  # evaluation padding
-      return {"sequences": None, "ids": None, "error": None}
+      return {"sequences": None, "ids": None, "error": None, "index": -1}
     ids = examples.example_ids(record)
     try:
       sequences = getattr(self._builder, self._mode)(record)
@@ -101,8 +119,8 @@ class MakeExample(grain.transforms.Map):
         raise examples.BadExampleError(
             f"{e} (set data.skip_bad_examples=True to skip such examples; they are "
             f"counted and logged)") from e
-      return {"sequences": None, "ids": ids, "error": str(e)}
-    return {"sequences": sequences, "ids": ids, "error": None}
+      return {"sequences": None, "ids": ids, "error": str(e), "index": index}
+    return {"sequences": sequences, "ids": ids, "error": None, "index": index}
 
 
 def _describe(ids: Mapping[str, str]) -> str:
@@ -122,10 +140,14 @@ class Collate:
     self.buckets, self.pad_id, self.batch_size = buckets, pad_id, batch_size
 
   def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    items = list(items) + [{"sequences": None, "ids": None, "error": None}] * (
-        self.batch_size - len(items))
+    items = list(items) + [{"sequences": None, "ids": None, "error": None,
+                            "index": -1}] * (self.batch_size - len(items))
     valid = np.asarray([it["sequences"] is not None for it in items])
-    batch: dict[str, Any] = {"valid": valid}
+    # Which record each row is (-1: padding); travels with the arrays so that hosts
+    # can name the rows of a global batch.
+    index = np.asarray([it["index"] if it["sequences"] is not None else -1
+                        for it in items], np.int32)
+    batch: dict[str, Any] = {"valid": valid, "index": index}
     for name in self.names:
       batch[name] = self.buckets.collate(
           [it["sequences"][name] if it["sequences"] else None for it in items],
@@ -213,7 +235,7 @@ def make_loader(mode: str, config: DataConfig, records, *, train: bool
       shuffle=train, num_epochs=config.num_epochs if train else 1, seed=config.seed)
   collate = make_collate(mode, config, pad_id, local_batch)
   return grain.DataLoader(
-      data_source=records, sampler=sampler,
+      data_source=_Indexed(records), sampler=sampler,
       operations=[MakeExample(builder, mode, config.buckets,
                               config.skip_bad_examples),
                   grain.transforms.Batch(local_batch, drop_remainder=train,

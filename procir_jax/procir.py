@@ -1,0 +1,133 @@
+"""ProCIR: embeddings at `<emb_all>` and the training objectives.
+
+* CIR retrieval: InfoNCE between query embeddings q and the target documents' d, with
+  every other document of the *global* batch as a negative (under jit the similarity
+  matrix spans all data-parallel shards).
+* Caption-based alignment: the source embedding s (first turn) against the source
+  product's caption embedding, and d against its own product's caption embedding.
+* Chain-of-thought guidance: next-token loss on the reasoning tokens in the think blocks.
+* SFT (its own mode): next-token loss on the long caption given the views.
+
+Rows that are padding (`valid` false) or lack a caption take no part in any loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from procir_jax import encoder
+from procir_jax.models.qwen3_5 import Qwen3_5Model
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  retrieval: float = 1.0
+  align_source: float = 1.0  # used when the data has captions (align on)
+  align_document: float = 1.0
+  cot: float = 1.0  # used when queries carry reasoning (cot on)
+  temperature: float = 0.05
+  learn_temperature: bool = True
+  max_lm_tokens: int = 64  # reasoning/answer tokens scored per sequence (static)
+
+
+class ProCIR(nnx.Module):
+  """The encoder and ProCIR's own parameter: the (learnable) temperature."""
+
+  def __init__(self, model: Qwen3_5Model, temperature: float = 0.05):
+    self.model = model
+    self.log_temperature = nnx.Param(jnp.asarray(np.log(temperature), jnp.float32))
+
+  @property
+  def temperature(self) -> jax.Array:
+    return jnp.exp(self.log_temperature[...])
+
+  def embed(self, part: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(unit embeddings [B, E, H] at every `<emb_all>`, last hidden states)."""
+    hidden = encoder.encode(self.model, part)
+    return encoder.gather_embeddings(hidden, part["emb_positions"]), hidden
+
+
+def info_nce(queries: jax.Array, keys: jax.Array, temperature: jax.Array,
+             row_valid: jax.Array, key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy of matching row i to key i among all valid keys; accuracy."""
+  logits = (queries @ keys.T) / temperature
+  logits = jnp.where(key_valid[None, :], logits, -1e9)
+  labels = jnp.arange(queries.shape[0])
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+  weight = row_valid.astype(jnp.float32)
+  count = jnp.maximum(weight.sum(), 1.0)
+  accuracy = ((jnp.argmax(logits, -1) == labels) * weight).sum() / count
+  return (nll * weight).sum() / count, accuracy
+
+
+def lm_loss(model: Qwen3_5Model, hidden: jax.Array, input_ids: jax.Array,
+            loss_mask: jax.Array, max_tokens: int) -> jax.Array:
+  """Next-token loss on the tokens `loss_mask` marks.
+
+  Only up to `max_tokens` marked tokens per row are scored, so the vocabulary
+  projection runs on [B, max_tokens] states rather than the whole sequence.
+  """
+  target_mask = loss_mask[:, 1:]
+  positions = jax.vmap(lambda m: jnp.nonzero(m, size=max_tokens, fill_value=0)[0])(
+      target_mask)
+  scored = jnp.take_along_axis(target_mask, positions, axis=1)
+  states = jnp.take_along_axis(hidden[:, :-1], positions[..., None], axis=1)
+  targets = jnp.take_along_axis(input_ids[:, 1:], positions, axis=1)
+  logits = model.lm_logits(states).astype(jnp.float32)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None],
+                             axis=-1)[..., 0]
+  weight = scored.astype(jnp.float32)
+  return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig,
+                       cot: bool) -> dict[str, jax.Array]:
+  """Every objective term of a contrastive batch (unweighted), plus metrics.
+
+  `cot`: the queries carry reasoning (the data's chain-of-thought switch).
+  """
+  valid = batch["valid"]
+  tau = procir.temperature if cfg.learn_temperature else jnp.float32(cfg.temperature)
+  query_emb, query_hidden = procir.embed(batch["query"])
+  doc_emb, _ = procir.embed(batch["document"])
+  q, d = query_emb[:, -1], doc_emb[:, 0]
+  out = {"temperature": tau}
+  out["retrieval"], out["retrieval_accuracy"] = info_nce(q, d, tau, valid, valid)
+  if "source_caption" in batch:
+    s = query_emb[:, 0]
+    cs = procir.embed(batch["source_caption"])[0][:, 0]
+    ct = procir.embed(batch["target_caption"])[0][:, 0]
+    has_s = valid & batch["has_source_caption"]
+    has_t = valid & batch["has_target_caption"]
+    out["align_source"], _ = info_nce(s, cs, tau, has_s, has_s)
+    out["align_document"], _ = info_nce(d, ct, tau, has_t, has_t)
+  if cot:
+    out["cot"] = lm_loss(procir.model, query_hidden, batch["query"]["input_ids"],
+                         batch["query"]["loss_mask"] & valid[:, None],
+                         cfg.max_lm_tokens)
+  return out
+
+
+def sft_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
+               ) -> dict[str, jax.Array]:
+  part = batch["sft"]
+  hidden = encoder.encode(procir.model, part)
+  return {"sft": lm_loss(procir.model, hidden, part["input_ids"],
+                         part["loss_mask"] & batch["valid"][:, None],
+                         cfg.max_lm_tokens)}
+
+
+LOSS_TERMS = ("retrieval", "align_source", "align_document", "cot", "sft")
+
+
+def total_loss(terms: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+  weights = {"retrieval": cfg.retrieval, "align_source": cfg.align_source,
+             "align_document": cfg.align_document, "cot": cfg.cot, "sft": 1.0}
+  return sum(weights[k] * terms[k] for k in LOSS_TERMS if k in terms)

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, optimizer, step, checkpoints and the loop."""

@@ -1,0 +1,102 @@
+"""The jitted training step over a sharded train state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from procir_jax import procir as procir_lib
+from procir_jax.train import mesh as mesh_lib
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a checkpoint restores: parameters, optimizer state, step."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"params": self.params, "opt_state": self.opt_state, "step": self.step}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
+    return cls(d["params"], d["opt_state"], d["step"])
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["params", "opt_state",
+                                                          "step"], meta_fields=[])
+
+
+class Trainer:
+  """Builds the sharded state and the step for one mode (contrastive or sft)."""
+
+  def __init__(self, procir: procir_lib.ProCIR, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh, loss_cfg: procir_lib.LossConfig, *,
+               mode: str, cot: bool = False, skip_nonfinite: bool = False):
+    if mode not in ("contrastive", "sft"):
+      raise ValueError(f"Trainer mode must be contrastive or sft, got {mode!r}.")
+    self.graphdef, params = nnx.split(procir, nnx.Param)
+    self.tx, self.mesh, self.loss_cfg = tx, mesh, loss_cfg
+    self.mode, self.cot, self.skip_nonfinite = mode, cot, skip_nonfinite
+    abstract = jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.int32(0)),
+                              params)
+    self.shardings = mesh_lib.tree_shardings(abstract, mesh)
+    self._initial_params = params
+    self._step = jax.jit(self._train_step, donate_argnums=0)
+
+  def init_state(self) -> TrainState:
+    """The fresh state, created directly in its shardings."""
+    params = jax.device_put(self._initial_params, self.shardings.params)
+    init = jax.jit(lambda p: TrainState(p, self.tx.init(p), jnp.int32(0)),
+                   out_shardings=self.shardings)
+    return init(params)
+
+  def abstract_state(self) -> TrainState:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(lambda p: TrainState(p, self.tx.init(p), jnp.int32(0)),
+                       self._initial_params), self.shardings)
+
+  def procir(self, state: TrainState) -> procir_lib.ProCIR:
+    return nnx.merge(self.graphdef, state.params)
+
+  def losses(self, params, batch) -> dict[str, jax.Array]:
+    procir = nnx.merge(self.graphdef, params)
+    if self.mode == "sft":
+      return procir_lib.sft_losses(procir, batch, self.loss_cfg)
+    return procir_lib.contrastive_losses(procir, batch, self.loss_cfg, self.cot)
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    def loss_fn(params):
+      terms = self.losses(params, batch)
+      return procir_lib.total_loss(terms, self.loss_cfg), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if self.skip_nonfinite:  # keep the old state; the loop counts the skip
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    new = TrainState(params, opt_state, state.step + 1)
+    new = jax.lax.with_sharding_constraint(new, self.shardings)
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite)
+    return new, metrics
+
+  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    return self._step(state, batch)
+
+
+def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str]:
+  """Names of the metrics (loss terms, gradient norm) that are NaN or inf."""
+  return [name for name, value in metrics.items()
+          if name != "finite" and not bool(jnp.isfinite(jnp.asarray(value)).all())]
