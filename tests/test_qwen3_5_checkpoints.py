@@ -67,7 +67,8 @@ def test_sharded_checkpoint_with_index(hf_dir, tmp_path):
   model = load_pretrained(path)
   out = str(tmp_path / "sharded")
   save_pretrained(model, out, max_shard_bytes=200_000)
-  index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+  with open(os.path.join(out, "model.safetensors.index.json")) as f:
+    index = json.load(f)
   assert len(set(index["weight_map"].values())) > 1
   again = load_pretrained(out)
   a, b = param_paths(model), param_paths(again)
@@ -174,7 +175,7 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(k, np.float32),
                                 ref.bfloat16().float().numpy().T)
   save_pretrained(model, str(tmp_path / "bf16_again"))
-  cfg = json.load(open(tmp_path / "bf16_again" / "config.json"))
+  cfg = json.loads((tmp_path / "bf16_again" / "config.json").read_text())
   assert cfg["dtype"] == "bfloat16"
 
 
