@@ -94,6 +94,36 @@ def encode(model: Qwen3_5Model, part: Mapping[str, jax.Array]) -> jax.Array:
   return model.language_model(embeds, mask, position_ids)
 
 
+def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
+
+
+def encode_together(model: Qwen3_5Model, parts: list[Mapping[str, jax.Array]]
+                    ) -> list[jax.Array]:
+  """`encode` of several batches in one pass (e.g. queries with their documents).
+
+  The batches are padded to a common length (and patch bucket) and stacked, so the
+  model runs once on bigger matrices instead of once per batch; rows do not interact,
+  so each result equals its own `encode`. Returns each batch's [B_i, L_i, H].
+  """
+  if len(parts) == 1:
+    return [encode(model, parts[0])]
+  keys = [k for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+          if k in parts[0]]
+  joined = {}
+  for key in keys:
+    arrays = [jnp.asarray(p[key]) for p in parts]
+    shape = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
+    joined[key] = jnp.concatenate([_pad_to(a, (a.shape[0],) + shape) for a in arrays])
+  hidden = encode(model, joined)
+  out, start = [], 0
+  for p in parts:
+    b, length = p["input_ids"].shape
+    out.append(hidden[start:start + b, :length])
+    start += b
+  return out
+
+
 def gather_embeddings(hidden: jax.Array, positions: jax.Array) -> jax.Array:
   """Hidden states at `<emb_all>` positions, L2-normalised in fp32: [B, E, H]."""
   picked = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)

@@ -49,8 +49,14 @@ class ProCIR(nnx.Module):
 
   def embed(self, part: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(unit embeddings [B, E, H] at every `<emb_all>`, last hidden states)."""
-    hidden = encoder.encode(self.model, part)
-    return encoder.gather_embeddings(hidden, part["emb_positions"]), hidden
+    return self.embed_together([part])[0]
+
+  def embed_together(self, parts: list[Mapping[str, jax.Array]]
+                     ) -> list[tuple[jax.Array, jax.Array]]:
+    """`embed` of several batches in one model pass."""
+    hiddens = encoder.encode_together(self.model, parts)
+    return [(encoder.gather_embeddings(h, p["emb_positions"]), h)
+            for h, p in zip(hiddens, parts)]
 
 
 def info_nce(queries: jax.Array, keys: jax.Array, temperature: jax.Array,
@@ -95,15 +101,17 @@ def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
   """
   valid = batch["valid"]
   tau = procir.temperature if cfg.learn_temperature else jnp.float32(cfg.temperature)
-  query_emb, query_hidden = procir.embed(batch["query"])
-  doc_emb, _ = procir.embed(batch["document"])
+  # Queries and documents both carry images: one model pass for the two.
+  (query_emb, query_hidden), (doc_emb, _) = procir.embed_together(
+      [batch["query"], batch["document"]])
   q, d = query_emb[:, -1], doc_emb[:, 0]
   out = {"temperature": tau}
   out["retrieval"], out["retrieval_accuracy"] = info_nce(q, d, tau, valid, valid)
   if "source_caption" in batch:
     s = query_emb[:, 0]
-    cs = procir.embed(batch["source_caption"])[0][:, 0]
-    ct = procir.embed(batch["target_caption"])[0][:, 0]
+    (cs, _), (ct, _) = procir.embed_together(
+        [batch["source_caption"], batch["target_caption"]])
+    cs, ct = cs[:, 0], ct[:, 0]
     has_s = valid & batch["has_source_caption"]
     has_t = valid & batch["has_target_caption"]
     out["align_source"], _ = info_nce(s, cs, tau, has_s, has_s)

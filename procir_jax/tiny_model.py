@@ -51,6 +51,17 @@ CHAT_TEMPLATE = (
 # sized to train in minutes on two CPU cores. head_dim * 0.25 / 2 rotary frequencies
 # must cover sum(mrope_section).
 PRESETS = {
+    # The smallest model that still has both layer kinds: quick to compile in tests.
+    "test": dict(
+        vocab_size=400,
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  layer_types=("linear_attention", "full_attention"),
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                  linear_key_head_dim=16, linear_value_head_dim=16,
+                  linear_num_key_heads=1, linear_num_value_heads=2,
+                  mrope_section=(2, 1, 1)),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                    num_position_embeddings=64)),
     "tiny": dict(
         vocab_size=512,
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -7,16 +7,29 @@ import time rather than in a fixture.
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# Tests run tiny models where compiling dominates: ask XLA for less optimisation.
+_FLAGS = ("--xla_force_host_platform_device_count=8",
+          "--xla_backend_optimization_level=0",
+          "--xla_llvm_disable_expensive_passes=true")
+for _flag in _FLAGS:
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by tfds) must not grab GPUs or spam the log in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
-import pytest  # noqa: E402  (after the environment set-up above)
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402  (after the environment set-up above)
+import pytest  # noqa: E402
+
+# Identical programs built by different objects (a new Trainer per test, say) compile
+# once per run.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode="max", keep_checkpoints_without_metrics=False,
+        # Periodic and preemption saves carry no validation metrics; keep them too.
+        best_mode="max", keep_checkpoints_without_metrics=True,
         enable_async_checkpointing=async_save, create=True)
     self.directory = epath.Path(directory)
     self._manager = ocp.CheckpointManager(

@@ -1,0 +1,124 @@
+"""Encoding the evaluation galleries and queries with a (sharded) ProCIR model.
+
+Per source dataset: the gallery is every product that appears as a source or target in
+that dataset's validation triplets and is in `fashionmv/products` (has images),
+encoded as a product document; the queries are its triplets as two-stage dialogues
+(embedding q, last `<emb_all>`; s, first). Rows are named through the record index
+that every batch carries, so all hosts assemble the same arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
+from flax import nnx
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from procir_jax.data import fashionmv, pipeline
+from procir_jax.train import mesh as mesh_lib
+
+SOURCES = ("deepfashion", "f200k", "fashiongen")
+
+
+@dataclasses.dataclass
+class DatasetEmbeddings:
+  """What the protocol needs for one source dataset."""
+
+  gallery_ids: list[str]
+  gallery: np.ndarray  # [G, H] unit vectors
+  query_source_ids: list[str]
+  query_target_ids: list[str]
+  q: np.ndarray  # [Q, H]
+  s: np.ndarray  # [Q, H]
+  skipped: list[str] = dataclasses.field(default_factory=list)  # bad examples
+
+
+class Encoder:
+  """Runs `ProCIR.embed` over pipeline batches on the mesh; returns host arrays."""
+
+  def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
+    replicated = NamedSharding(mesh, P())
+
+    def embed(params, part):
+      emb, _ = nnx.merge(graphdef, params).embed(part)
+      return jax.lax.with_sharding_constraint(emb, replicated)
+
+    self._embed = jax.jit(embed)
+
+  def run(self, params, loader, what: str, total: int
+          ) -> tuple[dict[int, np.ndarray], list[str]]:
+    """{record index: [E, H] embeddings} for every valid row, and skip messages."""
+    sharding_for = mesh_lib.batch_sharding(self.mesh)
+    out, skipped, start, done = {}, [], time.perf_counter(), 0
+    for batch in loader:
+      name = next(k for k in ("document", "query") if k in batch)
+      arrays = pipeline.to_global({name: batch[name], "index": batch["index"]},
+                                  sharding_for)
+      emb = np.asarray(self._embed(params, arrays[name]))
+      index = np.asarray(jax.experimental.multihost_utils.process_allgather(
+          batch["index"], tiled=True)) if jax.process_count() > 1 else batch["index"]
+      for row, i in enumerate(index):
+        if i >= 0:
+          out[int(i)] = emb[row]
+      skipped.extend(batch["meta"]["skipped"])
+      done = len(out)
+      elapsed = time.perf_counter() - start
+      rate = done / max(elapsed, 1e-9)
+      logging.info("Encoding %s: %d/%d (%.1f/s, ETA %.0fs)", what, done, total, rate,
+                   (total - done) / max(rate, 1e-9))
+    return out, skipped
+
+
+def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
+                       sources: Sequence[str] = SOURCES):
+  """Per source: (gallery product keys, joined query triplets)."""
+  products = fashionmv.Products(data_cfg.data_dir, split)
+  triplets = fashionmv.Triplets(data_cfg.data_dir, split)
+  out = {}
+  for source in sources:
+    joined = fashionmv.JoinedTriplets(products, triplets, [source])
+    keys = set()
+    for i in range(len(triplets)):
+      t = triplets[i]
+      if t.source == source:
+        keys.update(k for k in ((source, t.source_id), (source, t.target_id))
+                    if k in products)
+    out[source] = (sorted(keys), joined)
+  return out
+
+
+def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
+                    split: str = "validation", sources: Sequence[str] = SOURCES,
+                    encoder: Encoder | None = None) -> dict[str, DatasetEmbeddings]:
+  encoder = encoder or Encoder(graphdef, mesh)
+  results = {}
+  for source, (keys, joined) in evaluation_records(data_cfg, split, sources).items():
+    gallery_records = pipeline.records_for("gallery", data_cfg, split,
+                                           product_keys=keys)
+    docs, skipped = encoder.run(
+        params, pipeline.make_loader("gallery", data_cfg, gallery_records, train=False),
+        f"{source} gallery", len(keys))
+    queries, skipped_q = encoder.run(
+        params, pipeline.make_loader("eval_query", data_cfg, joined, train=False),
+        f"{source} queries", len(joined))
+    order = sorted(docs)
+    rows = sorted(queries)
+    trip = [joined[i].triplet for i in rows]
+    results[source] = DatasetEmbeddings(
+        gallery_ids=[keys[i][1] for i in order],
+        gallery=np.stack([docs[i][0] for i in order]) if order else np.zeros((0, 0)),
+        query_source_ids=[t.source_id for t in trip],
+        query_target_ids=[t.target_id for t in trip],
+        q=np.stack([queries[i][-1] for i in rows]),
+        s=np.stack([queries[i][0] for i in rows]),
+        skipped=skipped + skipped_q)
+  return results
+
+
+EmbedFn = Callable[[Any], dict[str, DatasetEmbeddings]]

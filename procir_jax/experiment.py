@@ -1,0 +1,224 @@
+"""What `main` runs: data and model set-up from a config, and the four modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from procir_jax import procir as procir_lib
+from procir_jax import tiny_model
+from procir_jax.data import bucketing, examples, pipeline
+from procir_jax.data import tokenizer as tok
+from procir_jax.eval import encode as encode_lib
+from procir_jax.models.qwen3_5 import grow_vocab, load_pretrained
+from procir_jax.train import checkpoint as ckpt_lib
+from procir_jax.train import loop as loop_lib
+from procir_jax.train import mesh as mesh_lib
+from procir_jax.train import optimizer as opt_lib
+from procir_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  workdir: epath.Path
+  data_dir: str
+  model_dir: str
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Paths:
+  """Finds or makes the TFDS data and the model directory the config names.
+
+  Empty `data.manual_dir` means a synthetic FashionMV in the workdir; empty
+  `model.hf_dir` means a tiny random Qwen3.5 there. Work already done is reused.
+  """
+  import tensorflow_datasets as tfds  # only set-up needs the builder
+  import tfds_fashionmv  # noqa: F401
+  from tfds_fashionmv import synthetic
+
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data_dir = config.data.data_dir or str(workdir / "tfds")
+  manual_dir = config.data.manual_dir
+  builders = [tfds.builder(f"fashionmv/{name}", data_dir=data_dir)
+              for name in ("products", "triplets")]
+  missing = [b for b in builders if not b.is_prepared()]
+  if missing and not manual_dir and not config.data.use_synthetic:
+    raise ValueError("Set --config.data.manual_dir to the FashionMV release (data/ and "
+                     "images/, see the README), or --config.data.data_dir to where "
+                     "`tfds build` wrote fashionmv.")
+  if not config.model.hf_dir and not config.model.tiny_preset:
+    raise ValueError("Set --config.model.hf_dir to a local Qwen3.5 (or ProCIR) "
+                     "checkpoint directory.")
+  if missing and jax.process_index() == 0:
+    if not manual_dir:
+      manual_dir = str(workdir / "fashionmv_release")
+      if not (epath.Path(manual_dir) / "data" / "val_captions.jsonl").exists():
+        logging.info("Writing a synthetic FashionMV to %s.", manual_dir)
+        synthetic.generate(manual_dir, synthetic.SyntheticConfig(
+            seed=config.seed, **config.data.synthetic.to_dict()))
+    for builder in missing:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir))
+  model_dir = config.model.hf_dir
+  if not model_dir:
+    model_dir = str(workdir / f"tiny_model_{config.model.tiny_preset}")
+    if jax.process_index() == 0 and not (epath.Path(model_dir) /
+                                         "model.safetensors").exists():
+      tiny_model.write_model_dir(model_dir, config.model.tiny_preset, config.seed)
+  if jax.process_count() > 1:
+    jax.experimental.multihost_utils.sync_global_devices("procir_prepare")
+  return Paths(workdir, data_dir, model_dir)
+
+
+def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = None
+                ) -> pipeline.DataConfig:
+  p = config.procir
+  return pipeline.DataConfig(
+      data_dir=paths.data_dir, model_dir=paths.model_dir, global_batch_size=batch_size,
+      seed=config.seed, worker_count=config.data.worker_count,
+      skip_bad_examples=config.data.skip_bad_examples,
+      buckets=bucketing.Buckets(lengths=tuple(config.data.lengths),
+                                patches=tuple(config.data.patches),
+                                max_images=config.data.max_views),
+      options=examples.ExampleOptions(
+          two_stage=p.two_stage, align=p.align, cot=p.cot if cot is None else cot,
+          query_text=config.data.query_text, max_views=config.data.max_views))
+
+
+def load_model(config, paths: Paths) -> procir_lib.ProCIR:
+  """The Qwen3.5 model (vocabulary grown for <emb_all> if needed) with ProCIR's head."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+  model = load_pretrained(paths.model_dir, dtype=dtype)
+  tokenizer = tok.load_tokenizer(paths.model_dir)
+  missing = len(tokenizer) - model.config.text.vocab_size
+  if missing > 0:
+    logging.info("Growing the vocabulary by %d token(s) for %s.", missing,
+                 tok.EMB_TOKEN)
+    grow_vocab(model, missing)
+  return procir_lib.ProCIR(model, config.loss.temperature)
+
+
+def loss_config(config) -> procir_lib.LossConfig:
+  return procir_lib.LossConfig(**config.loss.to_dict())
+
+
+def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
+                 train_cfg, name: str, validate=None) -> tuple[Any, step_lib.Trainer]:
+  data_mode = "sft" if mode == "sft" else "contrastive"
+  dcfg = data_config(config, paths, batch_size=config.data.global_batch_size)
+  records = pipeline.records_for(data_mode, dcfg, "train")
+  loader = pipeline.make_loader(data_mode, dcfg, records, train=True)
+  trainer = step_lib.Trainer(
+      procir, opt_lib.make_optimizer(train_cfg, nnx_params(procir)), mesh,
+      loss_config(config),
+      mode=mode, cot=config.procir.cot, skip_nonfinite=config.train.skip_nonfinite)
+  checkpointer = ckpt_lib.Checkpointer(
+      str(paths.workdir / "checkpoints" / name), max_to_keep=config.train.max_to_keep,
+      best_metric="Average_R@10" if validate else None)
+  state = loop_lib.train(
+      trainer, loader, checkpointer,
+      loop_lib.LoopConfig(steps=steps, log_every=config.train.log_every,
+                          eval_every=config.train.eval_every if validate else 0,
+                          checkpoint_every=config.train.checkpoint_every,
+                          skip_nonfinite=config.train.skip_nonfinite),
+      workdir=str(paths.workdir / "metrics" / name), config_dict=config.to_dict(),
+      validate=validate, global_batch_size=config.data.global_batch_size)
+  checkpointer.close()
+  return state, trainer
+
+
+def nnx_params(procir):
+  from flax import nnx
+  return nnx.state(procir, nnx.Param)
+
+
+def stage_config(config, section: str):
+  """`train` settings with a stage's overrides (e.g. the SFT stage's steps and lr)."""
+  merged = ml_collections.ConfigDict(config.train.to_dict())
+  merged.update(config[section].to_dict())
+  return merged
+
+
+def run_train(config, workdir: str) -> dict[str, float]:
+  paths = prepare(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  procir = load_model(config, paths)
+  if config.procir.sft:
+    state, trainer = _train_stage(config, paths, procir, mesh, mode="sft",
+                                  steps=config.sft.steps,
+                                  train_cfg=stage_config(config, "sft"), name="sft")
+    procir = trainer.procir(state)
+  state, trainer = _train_stage(config, paths, procir, mesh, mode="contrastive",
+                                steps=config.train.steps, train_cfg=config.train,
+                                name="contrastive")
+  return evaluate(config, paths, trainer.graphdef, state.params, mesh)
+
+
+def evaluate(config, paths: Paths, graphdef, params, mesh) -> dict[str, float]:
+  """The released protocol on the validation split: results.json, table, npz."""
+  from procir_jax.eval import recall, report
+
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
+                                          config.eval.split, config.eval.sources)
+  results = recall.evaluate(embeddings, backend=config.eval.backend)
+  if jax.process_index() == 0:
+    out = paths.workdir / "eval"
+    report.write(results, embeddings, out)
+    print(report.table(results))
+  return results.metrics
+
+
+def run_sft(config, workdir: str) -> None:
+  """Only the SFT stage (captioning from views); `train` starts from its result."""
+  paths = prepare(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  _train_stage(config, paths, load_model(config, paths), mesh, mode="sft",
+               steps=config.sft.steps, train_cfg=stage_config(config, "sft"),
+               name="sft")
+
+
+def run_eval(config, workdir: str) -> dict[str, float]:
+  """Evaluates `model.hf_dir` (or `model.checkpoint`'s latest state)."""
+  paths = prepare(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  procir = load_model(config, paths)
+  from flax import nnx
+  graphdef, params = nnx.split(procir, nnx.Param)
+  if config.model.checkpoint:
+    trainer = step_lib.Trainer(procir, opt_lib.make_optimizer(config.train, params),
+                               mesh, loss_config(config), mode="contrastive")
+    _, restored = ckpt_lib.Checkpointer(config.model.checkpoint).restore(
+        None, trainer.abstract_state().as_dict())
+    params = restored["params"]
+  return evaluate(config, paths, graphdef, params, mesh)
+
+
+def run_embed(config, workdir: str) -> None:
+  """Exports gallery and query embeddings of every source to <workdir>/embeddings."""
+  paths = prepare(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  from flax import nnx
+  graphdef, params = nnx.split(load_model(config, paths), nnx.Param)
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
+                                          config.eval.split, config.eval.sources)
+  if jax.process_index() == 0:
+    out = paths.workdir / "embeddings"
+    out.mkdir(parents=True, exist_ok=True)
+    for source, e in embeddings.items():
+      np.savez(os.fspath(out / f"{source}.npz"), gallery_ids=np.asarray(e.gallery_ids),
+               gallery=e.gallery, query_source_ids=np.asarray(e.query_source_ids),
+               query_target_ids=np.asarray(e.query_target_ids), q=e.q, s=e.s)
+    (out / "README.txt").write_text(json.dumps(
+        {s: {"gallery": len(e.gallery_ids), "queries": len(e.q)}
+         for s, e in embeddings.items()}, indent=2))

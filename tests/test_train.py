@@ -1,0 +1,201 @@
+"""Training: objectives of every ablation setting, sharding, resume, preemption,
+non-finite losses, checkpoints across meshes."""
+
+import os
+import signal
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ablation, base
+from procir_jax import experiment, tiny_model
+from procir_jax.data import pipeline
+from procir_jax.train import checkpoint as ckpt_lib
+from procir_jax.train import loop as loop_lib
+from procir_jax.train import mesh as mesh_lib
+from procir_jax.train import optimizer as opt_lib
+from procir_jax.train import step as step_lib
+
+
+@pytest.fixture(scope="module")
+def test_model_dir(tmp_path_factory):
+  return tiny_model.write_model_dir(tmp_path_factory.mktemp("test_model"), "test")
+
+
+def _config(data_dir, model_dir, arg="two_stage=1,align=1,cot=1,sft=1", **train):
+  c = ablation.get_config(arg)
+  c.model.hf_dir = str(model_dir)
+  c.data.data_dir = str(data_dir)
+  c.data.global_batch_size = 8
+  c.data.max_views = 2
+  c.train.update(dict(steps=2, warmup_steps=1, log_every=1, checkpoint_every=100),
+                 **train)
+  return c
+
+
+def _paths(tmp_path, c):
+  return experiment.Paths(pathlib_path(tmp_path), c.data.data_dir, c.model.hf_dir)
+
+
+def pathlib_path(p):
+  from etils import epath
+  return epath.Path(p)
+
+
+def _trainer(c, paths, mesh, mode="contrastive"):
+  procir = experiment.load_model(c, paths)
+  params = nnx.state(procir, nnx.Param)
+  cfg = c.train if mode == "contrastive" else experiment.stage_config(c, "sft")
+  return step_lib.Trainer(procir, opt_lib.make_optimizer(cfg, params), mesh,
+                          experiment.loss_config(c), mode=mode, cot=c.procir.cot,
+                          skip_nonfinite=c.train.skip_nonfinite)
+
+
+def _batches(c, paths, mode="contrastive", n=2):
+  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size)
+  loader = pipeline.make_loader(mode, dcfg, pipeline.records_for(mode, dcfg, "train"),
+                                train=True)
+  it = iter(loader)
+  return [next(it) for _ in range(n)]
+
+
+def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
+                                              test_model_dir):
+  mesh = mesh_lib.make_mesh({"data": -1})
+  sharding_for = mesh_lib.batch_sharding(mesh)
+  settings = ablation.all_settings()
+  assert len(settings) == 16 and len(set(settings)) == 16
+  trainers = {}  # settings that differ only in `sft` share the contrastive program
+  for arg in settings:
+    c = _config(fashionmv_data_dir, test_model_dir, arg)
+    paths = _paths(tmp_path, c)
+    modes = (["sft"] if c.procir.sft else []) + ["contrastive"]
+    for mode in modes:
+      program = (mode,) if mode == "sft" else (
+          mode, c.procir.two_stage, c.procir.align, c.procir.cot)
+      if program not in trainers:
+        trainers[program] = _trainer(c, paths, mesh, mode)
+      trainer = trainers[program]
+      batch = _batches(c, paths, mode, 1)[0]
+      state, metrics = trainer.step(trainer.init_state(),
+                                    pipeline.to_global(batch, sharding_for))
+      metrics = jax.device_get(metrics)
+      expected = {"sft"} if mode == "sft" else (
+          {"retrieval"} | ({"align_source", "align_document"} if c.procir.align else
+                           set()) | ({"cot"} if c.procir.cot else set()))
+      assert expected <= set(metrics), (arg, mode, sorted(metrics))
+      assert all(np.isfinite(metrics[k]) and metrics[k] > 0 for k in expected), arg
+      assert int(state.step) == 1
+
+
+def _run(c, paths, mesh, steps, workdir, state=None):
+  trainer = _trainer(c, paths, mesh)
+  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size)
+  loader = pipeline.make_loader("contrastive", dcfg,
+                                pipeline.records_for("contrastive", dcfg, "train"),
+                                train=True)
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "ckpt"))
+  state = loop_lib.train(trainer, loader, checkpointer,
+                         loop_lib.LoopConfig(steps=steps, log_every=1,
+                                             skip_nonfinite=c.train.skip_nonfinite),
+                         workdir=str(workdir / "metrics"), config_dict=c.to_dict(),
+                         global_batch_size=c.data.global_batch_size)
+  checkpointer.close()
+  return trainer, state
+
+
+def test_resume_is_bitwise_exact(tmp_path, fashionmv_data_dir, test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir, steps=4)
+  paths = _paths(tmp_path, c)
+  mesh = mesh_lib.make_mesh({"data": -1})
+  _, straight = _run(c, paths, mesh, 4, tmp_path / "straight")
+  _run(c, paths, mesh, 2, tmp_path / "resumed")
+  _, resumed = _run(c, paths, mesh, 4, tmp_path / "resumed")
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_one_device_and_eight_devices_agree(tmp_path, fashionmv_data_dir,
+                                           test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir)
+  paths = _paths(tmp_path, c)
+  losses = []
+  batches = _batches(c, paths, n=2)
+  for mesh in (mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]),
+               mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+    trainer = _trainer(c, paths, mesh)
+    state = trainer.init_state()
+    run = []
+    for batch in batches:
+      state, metrics = trainer.step(
+          state, pipeline.to_global(batch, mesh_lib.batch_sharding(mesh)))
+      run.append(float(metrics["loss"]))
+    losses.append(run)
+  np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+
+
+def test_checkpoint_restores_onto_another_mesh_and_skips_partial_ones(
+    tmp_path, fashionmv_data_dir, test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir)
+  paths = _paths(tmp_path, c)
+  trainer, state = _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path)
+  # A save that died half-way leaves a temporary directory behind.
+  (tmp_path / "ckpt" / "7.orbax-checkpoint-tmp-123").mkdir()
+  other = _trainer(c, paths, mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+  assert checkpointer.latest_step() == 2
+  step, restored = checkpointer.restore(None, other.abstract_state().as_dict())
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  kernel = restored["params"]["model"]["language_model"]["layers"][0]["mlp"][
+      "up_proj"]["kernel"]
+  assert kernel.value.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  checkpointer.close()
+
+
+def test_sigterm_saves_and_stops(tmp_path, fashionmv_data_dir, test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir)
+  paths = _paths(tmp_path, c)
+  mesh = mesh_lib.make_mesh({"data": -1})
+  trainer = _trainer(c, paths, mesh)
+  dcfg = experiment.data_config(c, paths, batch_size=8)
+  loader = pipeline.make_loader("contrastive", dcfg,
+                                pipeline.records_for("contrastive", dcfg, "train"),
+                                train=True)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+  calls = []
+
+  def preempt(state):  # a scheduler's SIGTERM arriving during step 2
+    calls.append(int(state.step))
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  with pytest.raises(loop_lib.TrainingStopped, match="SIGTERM.*step 2"):
+    loop_lib.train(trainer, loader, checkpointer,
+                   loop_lib.LoopConfig(steps=50, log_every=1, eval_every=2,
+                                       checkpoint_every=100),
+                   workdir=str(tmp_path / "m"), config_dict=c.to_dict(),
+                   validate=preempt, global_batch_size=8)
+  assert calls == [2]
+  assert checkpointer.latest_step() == 2
+  checkpointer.close()
+
+
+def test_nonfinite_loss_names_step_and_term_or_is_skipped(tmp_path, fashionmv_data_dir,
+                                                          test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir)
+  c.loss.temperature = 0.0  # 0 / 0 logits: NaN in the retrieval loss
+  c.loss.learn_temperature = False
+  paths = _paths(tmp_path, c)
+  with pytest.raises(FloatingPointError, match=r"Non-finite .*retrieval.* at step 1"):
+    _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path / "a")
+  c.train.skip_nonfinite = True
+  trainer, state = _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path / "b")
+  initial = trainer.init_state()
+  for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing applied
