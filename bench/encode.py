@@ -24,10 +24,10 @@ import time
 # JAX must not grab most of the GPU: PyTorch shares it in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -35,51 +35,10 @@ from procir_jax.models.qwen3_5 import Qwen3_5Config  # noqa: E402
 from procir_jax.models.qwen3_5 import from_state_dict  # noqa: E402
 from procir_jax.models.qwen3_5 import rope  # noqa: E402
 
-IMAGE, VIDEO, V_START, V_END = 248056, 248057, 248053, 248054
-
-PRESETS = {
-    # The Qwen3.5-0.8B shape.
-    "0.8b": dict(
-        text=dict(vocab_size=248320, hidden_size=1024, intermediate_size=3584,
-                  num_hidden_layers=24, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=256,
-                  linear_num_key_heads=16, linear_num_value_heads=16,
-                  linear_key_head_dim=128, linear_value_head_dim=128,
-                  linear_conv_kernel_dim=4),
-        vision=dict(depth=12, hidden_size=768, intermediate_size=3072,
-                    num_heads=12, out_hidden_size=1024,
-                    num_position_embeddings=2304),
-        rope_theta=1e7, mrope_section=[11, 11, 10], tie=True,
-        batch=10, views=4, image_size=256, dtype="bfloat16", iters=20),
-    # Small enough for a CPU in CI time.
-    "tiny": dict(
-        text=dict(vocab_size=248320, hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
-                  linear_num_value_heads=4, linear_key_head_dim=32,
-                  linear_value_head_dim=32, linear_conv_kernel_dim=4),
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128,
-                    num_heads=2, out_hidden_size=128,
-                    num_position_embeddings=256),
-        rope_theta=1e7, mrope_section=[3, 3, 2], tie=True,
-        batch=4, views=4, image_size=64, dtype="float32", iters=5),
-}
-
-# Dense bf16 peak FLOP/s by device name (vendor datasheets, SXM parts).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
-def hf_config(preset):
-  import transformers  # pylint: disable=g-import-not-at-top
-  p = PRESETS[preset]
-  text = dict(p["text"], rope_parameters=dict(
-      rope_type="default", rope_theta=p["rope_theta"],
-      partial_rotary_factor=0.25, mrope_section=p["mrope_section"],
-      mrope_interleaved=True))
-  return transformers.Qwen3_5Config(
-      text_config=text, vision_config=p["vision"], image_token_id=IMAGE,
-      video_token_id=VIDEO, vision_start_token_id=V_START,
-      vision_end_token_id=V_END, tie_word_embeddings=p["tie"])
+# Shared with the other model benchmarks (this file's folder is on sys.path).
+from common import IMAGE, V_END, V_START  # noqa: E402
+from common import PEAK_BF16, PRESETS  # noqa: E402
+from common import forward_flops, hf_config, timed, torch_to_numpy  # noqa: E402
 
 
 def make_inputs(batch, views, image_size, seed=0, patch=16, merge=2):
@@ -103,45 +62,6 @@ def make_inputs(batch, views, image_size, seed=0, patch=16, merge=2):
   thw = np.tile(np.array([[1, grid, grid]], np.int64), (batch * views, 1))
   pix = rng.normal(size=(batch * views * grid * grid, 3 * 2 * patch * patch))
   return ids, mask, pix.astype(np.float32), thw
-
-
-def forward_flops(cfg: Qwen3_5Config, batch, length, thw) -> float:
-  """Analytic forward FLOPs (2 per multiply-add), padding included."""
-  t, v = cfg.text, cfg.vision
-  n_patch = int(thw.prod(1).sum())
-  d, inner = v.hidden_size, v.intermediate_size
-  per_patch = 2 * (v.patch_dim * d + v.depth * (4 * d * d + 2 * d * inner))
-  attn = sum(v.depth * 4 * int(n) ** 2 * d for n in thw.prod(1))
-  merged = n_patch // v.spatial_merge_size ** 2
-  md = d * v.spatial_merge_size ** 2
-  vision = per_patch * n_patch + attn + merged * 2 * (md * md +
-                                                      md * v.out_hidden_size)
-
-  h, tokens = t.hidden_size, batch * length
-  mlp = 2 * 3 * h * t.intermediate_size
-  dk, dv = t.linear_key_head_dim, t.linear_value_head_dim
-  nv = t.linear_num_value_heads
-  c = 64
-  gdn = (2 * h * (2 * t.linear_num_key_heads * dk + 2 * nv * dv + 2 * nv) +
-         2 * nv * dv * h +
-         nv * (4 * c * dk + c * (dk + dv) + 2 * c * dv + 6 * dk * dv))
-  hq, hkv, hd = t.num_attention_heads, t.num_key_value_heads, t.head_dim
-  full = (2 * h * (2 * hq * hd + 2 * hkv * hd) + 2 * hq * hd * h +
-          4 * length * hq * hd)
-  n_lin = sum(x == "linear_attention" for x in t.layer_types)
-  n_full = t.num_hidden_layers - n_lin
-  text = tokens * (n_lin * (gdn + mlp) + n_full * (full + mlp))
-  return float(vision + text)
-
-
-def timed(fn, sync, iters, warmup=2):
-  for _ in range(warmup):
-    sync(fn())
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = fn()
-  sync(out)
-  return (time.perf_counter() - start) / iters, out
 
 
 def breakdown(graphdef, state, ids, mask, pix, thw, dtype, iters):
@@ -171,14 +91,6 @@ def breakdown(graphdef, state, ids, mask, pix, thw, dtype, iters):
   secs, _ = timed(lambda: decoder(state, embeds, jnp.asarray(mask), pos), sync,
                   iters)
   print(f"  jax decoder: {secs * 1e3:.1f} ms/batch", flush=True)
-
-
-def torch_to_numpy(x):
-  import torch  # pylint: disable=g-import-not-at-top
-  x = x.detach().cpu()
-  if x.dtype == torch.bfloat16:
-    return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return x.numpy()
 
 
 def main(argv=None):
