@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.use_synthetic = True  # may an empty manual_dir mean synthetic data?
   c.data.data_dir = ""  # where TFDS builds fashionmv; empty: <workdir>/tfds
   c.data.synthetic = ml_collections.ConfigDict(dict(
-      train_products=80, train_triplets=240, val_products=50, val_triplets=60,
+      train_products=80, train_triplets=240, val_products=120, val_triplets=60,
       image_size=96))
   c.data.global_batch_size = 16
   c.data.eval_batch_size = 32
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
       freeze=(), log_every=10, eval_every=0, checkpoint_every=100, max_to_keep=2,
       skip_nonfinite=False))
 
-  c.sft = ml_collections.ConfigDict(dict(steps=40, lr=1e-3, warmup_steps=5))
+  c.sft = ml_collections.ConfigDict(dict(steps=20, lr=1e-3, warmup_steps=5))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = ml_collections.ConfigDict(dict(

@@ -43,7 +43,8 @@ def get_config():
   c.data.eval_batch_size = 256
   c.data.worker_count = 8
   c.data.max_views = 5
-  c.data.lengths = (256, 384, 512, 768, 1024, 1536)
+  # Captions are ~50 tokens, queries and documents of 5 views a few hundred.
+  c.data.lengths = (64, 128, 256, 320, 384, 512, 768, 1024, 1536)
   c.data.patches = (64, 144, 256, 400, 576, 784, 1024)
   c.loss.update(dict(align_source=1.0, align_document=1.0, cot=1.0, max_lm_tokens=64))
   c.train.update(dict(steps=6000, lr=2e-5, warmup_steps=300, weight_decay=0.05,

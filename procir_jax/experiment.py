@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from procir_jax import procir as procir_lib
 from procir_jax import tiny_model
@@ -75,7 +73,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Paths:
                                          "model.safetensors").exists():
       tiny_model.write_model_dir(model_dir, config.model.tiny_preset, config.seed)
   if jax.process_count() > 1:
-    jax.experimental.multihost_utils.sync_global_devices("procir_prepare")
+    multihost_utils.sync_global_devices("procir_prepare")
   return Paths(workdir, data_dir, model_dir)
 
 
@@ -157,25 +155,45 @@ def run_train(config, workdir: str) -> dict[str, float]:
                                   steps=config.sft.steps,
                                   train_cfg=stage_config(config, "sft"), name="sft")
     procir = trainer.procir(state)
+  graphdef = None
+
+  def validate(state):
+    return evaluate(config, paths, graphdef, state.params, mesh,
+                    sources=config.eval.validation_sources, backends=("exact",),
+                    write=False)
+
+  from flax import nnx
+  graphdef = nnx.split(procir, nnx.Param)[0]
   state, trainer = _train_stage(config, paths, procir, mesh, mode="contrastive",
                                 steps=config.train.steps, train_cfg=config.train,
-                                name="contrastive")
+                                name="contrastive",
+                                validate=validate if config.train.eval_every else None)
   return evaluate(config, paths, trainer.graphdef, state.params, mesh)
 
 
-def evaluate(config, paths: Paths, graphdef, params, mesh) -> dict[str, float]:
+def evaluate(config, paths: Paths, graphdef, params, mesh,
+             sources=None, backends=("exact", "scann"), write: bool = True
+             ) -> dict[str, float]:
   """The released protocol on the validation split: results.json, table, npz."""
   from procir_jax.eval import recall, report
 
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
-                                          config.eval.split, config.eval.sources)
-  results = recall.evaluate(embeddings, backend=config.eval.backend)
+                                          config.eval.split,
+                                          sources or config.eval.sources)
+  if not write:
+    return recall.evaluate(embeddings, backends=backends).results_json("exact")
+  results = None
   if jax.process_index() == 0:
-    out = paths.workdir / "eval"
-    report.write(results, embeddings, out)
-    print(report.table(results))
-  return results.metrics
+    results = report.evaluate_and_write(paths.workdir / "eval", embeddings,
+                                        backends=backends)
+    for e in embeddings:
+      if len(e.gallery_ids):
+        print(f"  chance R@10 on {recall.display_name(e.dataset)}'s gallery of "
+              f"{len(e.gallery_ids)}: {min(100.0, 1000.0 / len(e.gallery_ids)):.1f}")
+    print(f"Results in {paths.workdir / 'eval'}")
+    return results.results_json("exact")
+  return {}
 
 
 def run_sft(config, workdir: str) -> None:
@@ -187,38 +205,52 @@ def run_sft(config, workdir: str) -> None:
                name="sft")
 
 
-def run_eval(config, workdir: str) -> dict[str, float]:
-  """Evaluates `model.hf_dir` (or `model.checkpoint`'s latest state)."""
+def load_trained(config, workdir: str):
+  """(paths, mesh, graphdef, params): the model, with the latest trained state.
+
+  The state comes from `model.checkpoint` when set, else from the workdir's own
+  contrastive checkpoints when there are any, else the model directory as it is.
+  """
+  from flax import nnx
+
   paths = prepare(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   procir = load_model(config, paths)
-  from flax import nnx
   graphdef, params = nnx.split(procir, nnx.Param)
-  if config.model.checkpoint:
+  directory = config.model.checkpoint or str(paths.workdir / "checkpoints" /
+                                             "contrastive")
+  checkpointer = ckpt_lib.Checkpointer(directory) if (
+      epath.Path(directory).exists()) else None
+  if checkpointer is not None and checkpointer.latest_step() is not None:
     trainer = step_lib.Trainer(procir, opt_lib.make_optimizer(config.train, params),
                                mesh, loss_config(config), mode="contrastive")
-    _, restored = ckpt_lib.Checkpointer(config.model.checkpoint).restore(
-        None, trainer.abstract_state().as_dict())
+    step, restored = checkpointer.restore(None, trainer.abstract_state().as_dict())
     params = restored["params"]
+    logging.info("Using the trained state of step %d from %s.", step, directory)
+  elif config.model.checkpoint:
+    raise FileNotFoundError(f"model.checkpoint={directory} holds no checkpoint.")
+  if checkpointer is not None:
+    checkpointer.close()
+  return paths, mesh, graphdef, params
+
+
+def run_eval(config, workdir: str) -> dict[str, float]:
+  """Evaluates `model.hf_dir`, or its trained state (see `load_trained`)."""
+  paths, mesh, graphdef, params = load_trained(config, workdir)
   return evaluate(config, paths, graphdef, params, mesh)
 
 
 def run_embed(config, workdir: str) -> None:
   """Exports gallery and query embeddings of every source to <workdir>/embeddings."""
-  paths = prepare(config, workdir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  from flax import nnx
-  graphdef, params = nnx.split(load_model(config, paths), nnx.Param)
+  from procir_jax.eval import report
+
+  paths, mesh, graphdef, params = load_trained(config, workdir)
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split, config.eval.sources)
   if jax.process_index() == 0:
-    out = paths.workdir / "embeddings"
-    out.mkdir(parents=True, exist_ok=True)
-    for source, e in embeddings.items():
-      np.savez(os.fspath(out / f"{source}.npz"), gallery_ids=np.asarray(e.gallery_ids),
-               gallery=e.gallery, query_source_ids=np.asarray(e.query_source_ids),
-               query_target_ids=np.asarray(e.query_target_ids), q=e.q, s=e.s)
-    (out / "README.txt").write_text(json.dumps(
-        {s: {"gallery": len(e.gallery_ids), "queries": len(e.q)}
-         for s, e in embeddings.items()}, indent=2))
+    for e in embeddings:
+      path = report.save_embeddings(paths.workdir / "embeddings" / f"{e.dataset}.npz",
+                                    e)
+      print(f"{e.dataset}: {len(e.gallery_ids)} gallery products, {len(e.q)} queries "
+            f"-> {path}")

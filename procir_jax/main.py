@@ -7,6 +7,8 @@ evaluation), sft, eval, embed. Every config value can be overridden on the comma
 line, e.g. `--config.train.steps=1000 --config.data.global_batch_size=64`.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -24,7 +26,7 @@ class _QuietLibraries:
   _NOISY = ("/orbax/", "/grain/", "/jax/", "/tensorflow_datasets/", "/etils/")
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in self._NOISY)
 
 

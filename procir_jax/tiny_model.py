@@ -73,11 +73,11 @@ PRESETS = {
                     num_position_embeddings=64)),
     "small": dict(
         vocab_size=1024,
-        text=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   linear_key_head_dim=32, linear_value_head_dim=32,
                   linear_num_key_heads=2, linear_num_value_heads=4,
-                  mrope_section=(2, 2, 2)),
+                  mrope_section=(2, 1, 1)),
         vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
                     num_position_embeddings=256)),
 }

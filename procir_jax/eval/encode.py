@@ -9,33 +9,21 @@ that every batch carries, so all hosts assemble the same arrays.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from absl import logging
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from procir_jax.data import fashionmv, pipeline
+from procir_jax.data import examples, fashionmv, pipeline
+from procir_jax.eval import recall
 from procir_jax.train import mesh as mesh_lib
 
 SOURCES = ("deepfashion", "f200k", "fashiongen")
-
-
-@dataclasses.dataclass
-class DatasetEmbeddings:
-  """What the protocol needs for one source dataset."""
-
-  gallery_ids: list[str]
-  gallery: np.ndarray  # [G, H] unit vectors
-  query_source_ids: list[str]
-  query_target_ids: list[str]
-  q: np.ndarray  # [Q, H]
-  s: np.ndarray  # [Q, H]
-  skipped: list[str] = dataclasses.field(default_factory=list)  # bad examples
 
 
 class Encoder:
@@ -51,6 +39,10 @@ class Encoder:
 
     self._embed = jax.jit(embed)
 
+  def embed(self, params, part) -> np.ndarray:
+    """[B, E, H] unit embeddings of one batch (global arrays or host arrays)."""
+    return np.asarray(self._embed(params, part))
+
   def run(self, params, loader, what: str, total: int
           ) -> tuple[dict[int, np.ndarray], list[str]]:
     """{record index: [E, H] embeddings} for every valid row, and skip messages."""
@@ -60,8 +52,8 @@ class Encoder:
       name = next(k for k in ("document", "query") if k in batch)
       arrays = pipeline.to_global({name: batch[name], "index": batch["index"]},
                                   sharding_for)
-      emb = np.asarray(self._embed(params, arrays[name]))
-      index = np.asarray(jax.experimental.multihost_utils.process_allgather(
+      emb = self.embed(params, arrays[name])
+      index = np.asarray(multihost_utils.process_allgather(
           batch["index"], tiled=True)) if jax.process_count() > 1 else batch["index"]
       for row, i in enumerate(index):
         if i >= 0:
@@ -95,9 +87,10 @@ def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
 
 def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
                     split: str = "validation", sources: Sequence[str] = SOURCES,
-                    encoder: Encoder | None = None) -> dict[str, DatasetEmbeddings]:
+                    encoder: Encoder | None = None
+                    ) -> list[recall.DatasetEmbeddings]:
   encoder = encoder or Encoder(graphdef, mesh)
-  results = {}
+  results = []
   for source, (keys, joined) in evaluation_records(data_cfg, split, sources).items():
     gallery_records = pipeline.records_for("gallery", data_cfg, split,
                                            product_keys=keys)
@@ -110,15 +103,30 @@ def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
     order = sorted(docs)
     rows = sorted(queries)
     trip = [joined[i].triplet for i in rows]
-    results[source] = DatasetEmbeddings(
+    dim = next(iter(docs.values())).shape[-1] if docs else 0
+    results.append(recall.DatasetEmbeddings(
+        dataset=source,
         gallery_ids=[keys[i][1] for i in order],
-        gallery=np.stack([docs[i][0] for i in order]) if order else np.zeros((0, 0)),
-        query_source_ids=[t.source_id for t in trip],
-        query_target_ids=[t.target_id for t in trip],
+        gallery=(np.stack([docs[i][0] for i in order]) if order
+                 else np.zeros((0, dim), np.float32)),
+        source_ids=[t.source_id for t in trip],
+        target_ids=[t.target_id for t in trip],
         q=np.stack([queries[i][-1] for i in rows]),
         s=np.stack([queries[i][0] for i in rows]),
-        skipped=skipped + skipped_q)
+        skipped=skipped + skipped_q))
   return results
 
 
-EmbedFn = Callable[[Any], dict[str, DatasetEmbeddings]]
+def embed_query(encoder: Encoder, params, builder, images: Sequence[np.ndarray],
+                text: str, buckets) -> np.ndarray:
+  """q for one query given as views (RGB uint8 arrays) and a modification text."""
+  views = list(images)[:builder.options.max_views]
+  processed = builder.processor(views)
+  counts = [builder.processor.num_image_tokens(*im.shape[:2]) for im in views]
+  tokens = builder.dialogues.two_stage_query(counts, text)
+  sequence = examples.EncodedSequence(tokens, processed.pixel_values,
+                                      processed.image_grid_thw)
+  buckets.check(sequence, "the query")
+  part = buckets.collate([sequence], builder.dialogues.ids.pad, 2, True)
+  return encoder.embed(params, jax.device_put(part, NamedSharding(encoder.mesh, P()))
+                       )[0, -1]

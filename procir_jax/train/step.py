@@ -45,9 +45,9 @@ class Trainer:
     self.graphdef, params = nnx.split(procir, nnx.Param)
     self.tx, self.mesh, self.loss_cfg = tx, mesh, loss_cfg
     self.mode, self.cot, self.skip_nonfinite = mode, cot, skip_nonfinite
-    abstract = jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.int32(0)),
-                              params)
-    self.shardings = mesh_lib.tree_shardings(abstract, mesh)
+    self._abstract = jax.eval_shape(
+        lambda p: TrainState(p, tx.init(p), jnp.int32(0)), params)
+    self.shardings = mesh_lib.tree_shardings(self._abstract, mesh)
     self._initial_params = params
     self._step = jax.jit(self._train_step, donate_argnums=0)
 
@@ -61,8 +61,7 @@ class Trainer:
   def abstract_state(self) -> TrainState:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(lambda p: TrainState(p, self.tx.init(p), jnp.int32(0)),
-                       self._initial_params), self.shardings)
+        self._abstract, self.shardings)
 
   def procir(self, state: TrainState) -> procir_lib.ProCIR:
     return nnx.merge(self.graphdef, state.params)
