@@ -7,7 +7,7 @@ unit centres with points scattered around them (cosine to the centre about
 composed query lands near, not on, its target.
 
   python bench/search.py                      # 100K x 1024, about a minute
-  python bench/search.py --num=1000000        # 1M x 1024, needs ~14 GB RAM
+  python bench/search.py --num=1000000 --exact_queries=500   # 1M, ~16 GB RAM
 
 Prints, for each backend, build time, queries/s and recall@10, then the
 ratio. Recall@10 is the mean share of exact search's top 10 that a backend

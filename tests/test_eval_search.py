@@ -107,6 +107,19 @@ def test_saved_index_moves_and_answers_the_same(tmp_path, backend):
         assert str(tmp_path) not in open(os.path.join(root, name)).read()
 
 
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_build_index_ranks_by_cosine_whatever_the_norms(tmp_path, backend):
+  rng = np.random.default_rng(4)
+  gallery, queries = _unit(rng, 200, 8), _unit(rng, 5, 8)
+  scale = rng.uniform(0.1, 10.0, (200, 1)).astype(np.float32)
+  index = search.build_index(gallery * scale, backend=backend)
+  expected = search.ExactSearch(gallery).search(queries, k=5)
+  for loaded in (index, search.load_index(index.save(tmp_path / "i"))):
+    indices, scores = loaded.search(queries * 3.0, k=5)
+    np.testing.assert_array_equal(indices, expected[0])
+    np.testing.assert_allclose(scores, expected[1], atol=1e-5)
+
+
 def test_broken_index_directories_say_what_is_missing(tmp_path):
   rng = np.random.default_rng(3)
   gallery = _unit(rng, 50, 8)

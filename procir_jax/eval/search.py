@@ -20,12 +20,13 @@ partitioned search finds fewer than k candidates) hold index -1 and score -inf.
 An index is saved to a directory that holds only relative paths, so it can be
 moved or copied:
 
-  index.json        format, format_version, backend, dimension, count, settings
+  index.json        format, format_version, backend, dimension, count,
+                    normalize, settings
   ids.json          the product ids, one per gallery row
   embeddings.npy    (exact) the gallery, float32 [count, dimension]
   scann/            (scann) ScaNN's own serialized assets
 
-  index = build_index(gallery, product_ids, backend="scann")
+  index = build_index(gallery, product_ids, backend="scann")  # normalises
   index.save("workdir/index")
   index = load_index("workdir/index")
   ids, scores = index.search_ids(queries, k=10)
@@ -76,17 +77,17 @@ def _sort_results(indices: np.ndarray, scores: np.ndarray):
   return indices, scores
 
 
-def _check_queries(queries, dimension: int) -> np.ndarray:
+def _check_queries(queries, dimension: int, normalize: bool) -> np.ndarray:
   queries = np.asarray(queries, dtype=np.float32)
   if queries.ndim == 1:
     queries = queries[None]
   if queries.ndim != 2 or queries.shape[1] != dimension:
     raise ValueError(f"queries must have shape [Q, {dimension}], got "
                      f"{queries.shape}")
-  return queries
+  return l2_normalize(queries) if normalize else queries
 
 
-def _check_gallery(embeddings, ids):
+def _check_gallery(embeddings, ids, normalize: bool):
   embeddings = np.asarray(embeddings, dtype=np.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] == 0:
     raise ValueError("gallery embeddings must have shape [N, D] with N > 0, "
@@ -104,6 +105,8 @@ def _check_gallery(embeddings, ids):
     dup = next(i for i in ids if i in seen or seen.add(i))
     raise ValueError(f"product id {dup!r} appears more than once in the "
                      "gallery")
+  if normalize:
+    embeddings = l2_normalize(embeddings)
   return embeddings, ids
 
 
@@ -112,9 +115,11 @@ class SearchIndex(abc.ABC):
 
   backend: str = ""
 
-  def __init__(self, ids: Sequence[str], dimension: int):
+  def __init__(self, ids: Sequence[str], dimension: int, normalize: bool):
     self.ids = list(ids)
     self.dimension = int(dimension)
+    # Normalise gallery and queries, so scores are cosines whatever the norms.
+    self.normalize = bool(normalize)
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -156,7 +161,7 @@ class SearchIndex(abc.ABC):
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
                 backend=self.backend, dimension=self.dimension,
                 count=self.count, ids_file=IDS_FILE,
-                settings=self.settings_dict())
+                normalize=self.normalize, settings=self.settings_dict())
     # index.json last: its presence marks a complete index.
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
       json.dump(meta, f, indent=2)
@@ -213,14 +218,17 @@ class ExactSearch(SearchIndex):
     gallery_chunk_size: gallery rows scored at once; bounds memory at about
       query_batch_size x gallery_chunk_size floats.
     device: where the gallery lives (default: JAX's default device).
+    normalize: L2-normalise the gallery and every query (cosine scores for
+      embeddings of any norm).
   """
 
   backend = "exact"
 
   def __init__(self, embeddings, ids=None, *, query_batch_size: int = 256,
-               gallery_chunk_size: int = 32768, device=None):
-    embeddings, ids = _check_gallery(embeddings, ids)
-    super().__init__(ids, embeddings.shape[1])
+               gallery_chunk_size: int = 32768, device=None,
+               normalize: bool = False):
+    embeddings, ids = _check_gallery(embeddings, ids, normalize)
+    super().__init__(ids, embeddings.shape[1], normalize)
     self.query_batch_size = int(query_batch_size)
     self.embeddings = embeddings
     n = embeddings.shape[0]
@@ -234,7 +242,7 @@ class ExactSearch(SearchIndex):
     self._gallery = jax.device_put(padded, device)
 
   def search(self, queries, k: int = 10):
-    queries = _check_queries(queries, self.dimension)
+    queries = _check_queries(queries, self.dimension, self.normalize)
     k = max(1, min(int(k), self.count))
     num = queries.shape[0]
     if num == 0:
@@ -278,7 +286,10 @@ class ExactSearch(SearchIndex):
                        f"{expected}")
     kwargs.setdefault("query_batch_size",
                       meta.get("settings", {}).get("query_batch_size", 256))
-    return cls(embeddings, ids, **kwargs)
+    # Saved embeddings are already normalised; queries still need it.
+    index = cls(embeddings, ids, **kwargs)
+    index.normalize = bool(meta.get("normalize", False))
+    return index
 
 
 # ----------------------------------------------------------------------------
@@ -430,13 +441,16 @@ class ScannSearch(SearchIndex):
     ids: N unique product ids (default: "0".."N-1").
     settings: a `ScannSettings`, a mapping of its fields (dict or
       ml_collections ConfigDict), or None for the defaults.
+    normalize: L2-normalise the gallery and every query (cosine scores for
+      embeddings of any norm).
   """
 
   backend = "scann"
 
-  def __init__(self, embeddings, ids=None, settings=None):
-    embeddings, ids = _check_gallery(embeddings, ids)
-    super().__init__(ids, embeddings.shape[1])
+  def __init__(self, embeddings, ids=None, settings=None,
+               normalize: bool = False):
+    embeddings, ids = _check_gallery(embeddings, ids, normalize)
+    super().__init__(ids, embeddings.shape[1], normalize)
     self.settings = ScannSettings.from_config(settings).resolve(
         *embeddings.shape)
     try:
@@ -476,9 +490,9 @@ class ScannSearch(SearchIndex):
                            quantize=_reorder_type(s.reorder_dtype)).build()
 
   @classmethod
-  def _from_searcher(cls, searcher, ids, dimension, settings):
+  def _from_searcher(cls, searcher, ids, dimension, settings, normalize):
     self = cls.__new__(cls)
-    SearchIndex.__init__(self, ids, dimension)
+    SearchIndex.__init__(self, ids, dimension, normalize)
     self.settings = settings
     self._searcher = searcher
     self._searcher.set_num_threads(self.threads)
@@ -487,7 +501,7 @@ class ScannSearch(SearchIndex):
   def search(self, queries, k: int = 10, *, leaves_to_search: int = 0,
              reorder_num_neighbors: int = 0):
     """See `SearchIndex.search`; the keyword arguments override settings."""
-    queries = _check_queries(queries, self.dimension)
+    queries = _check_queries(queries, self.dimension, self.normalize)
     k = max(1, min(int(k), self.count))
     if queries.shape[0] == 0:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
@@ -567,7 +581,8 @@ class ScannSearch(SearchIndex):
     if searcher.size() != meta["count"]:
       raise ValueError(f"ScaNN index in {assets} holds {searcher.size()} rows, "
                        f"index.json says {meta['count']}")
-    return cls._from_searcher(searcher, ids, meta["dimension"], settings)
+    return cls._from_searcher(searcher, ids, meta["dimension"], settings,
+                              bool(meta.get("normalize", False)))
 
 
 # ----------------------------------------------------------------------------
@@ -576,12 +591,26 @@ class ScannSearch(SearchIndex):
 
 
 def build_index(embeddings, ids=None, backend: str = "scann", settings=None,
-                **kwargs) -> SearchIndex:
-  """An index of `backend` ("exact" or "scann") over the gallery."""
+                normalize: bool = True, **kwargs) -> SearchIndex:
+  """An index of `backend` ("exact" or "scann") over the gallery.
+
+  Args:
+    embeddings: float32 [N, D] gallery.
+    ids: N unique product ids.
+    backend: "exact" or "scann".
+    settings: ScaNN settings (`ScannSettings` or a mapping of its fields).
+    normalize: L2-normalise gallery and queries, so scores are cosines.
+    **kwargs: more `ExactSearch` arguments.
+
+  Returns:
+    The index; `save(directory)` writes it, `load_index` reads it back.
+  """
   if backend == "exact":
-    return ExactSearch(embeddings, ids, **kwargs)
+    return ExactSearch(embeddings, ids, normalize=normalize, **kwargs)
   if backend == "scann":
-    return ScannSearch(embeddings, ids, settings=settings)
+    if kwargs:
+      raise ValueError(f"unexpected arguments for ScaNN: {sorted(kwargs)}")
+    return ScannSearch(embeddings, ids, settings=settings, normalize=normalize)
   raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
