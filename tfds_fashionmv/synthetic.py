@@ -248,13 +248,18 @@ def render_view(a: Attributes, view: str, size: int,
 # ---------------------------------------------------------------------------------
 # Catalogue and triplets.
 
+def _plural(category: str) -> str:
+  word = category.replace("-", "_")
+  return word + ("es" if word.endswith("s") else "s")
+
+
 def _product_id(source: str, split: str, index: int, a: Attributes) -> str:
   n = _SPLIT_ID_OFFSET[split] + index
   if source == "deepfashion":  # e.g. WOMEN/Dresses/id_00004544/02
     gender = "WOMEN" if n % 2 == 0 else "MEN"
-    return f"{gender}/{a.category.title().replace('-', '_')}s/id_{n:08d}/{n % 7:02d}"
+    return f"{gender}/{_plural(a.category).title()}/id_{n:08d}/{n % 7:02d}"
   if source == "f200k":
-    return f"{a.category.replace('-', '_')}s/{31_000_000 + n}"
+    return f"{_plural(a.category)}/{31_000_000 + n}"
   return str(100_000 + n)
 
 
