@@ -17,9 +17,9 @@ from procir_jax.models.qwen3_5 import (Qwen3_5Config, grow_vocab,  # noqa: E402
                                        load_pretrained, param_paths,
                                        save_pretrained)
 from procir_jax.models.qwen3_5 import params as params_lib  # noqa: E402
-from test_qwen3_5_parity import (CASES, assert_close,  # noqa: E402
-                                 build_hf_model, forward, hf_hidden,
-                                 make_batch)
+from tests.test_qwen3_5_parity import (CASES, assert_close,  # noqa: E402
+                                       build_hf_model, forward, hf_hidden,
+                                       make_batch)
 
 
 @pytest.fixture(scope="module")
