@@ -10,7 +10,6 @@ holds them to it).
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import jax
@@ -19,11 +18,11 @@ import numpy as np
 
 from procir_jax.models.qwen3_5 import Qwen3_5Model, rope
 from procir_jax.models.qwen3_5.config import Qwen3_5VisionConfig
-from procir_jax.models.qwen3_5.vision import VisionLayout
+from procir_jax.models.qwen3_5 import vision
 
 
 def slot_layout(image_grid_thw: jax.Array, max_len: int,
-                cfg: Qwen3_5VisionConfig) -> VisionLayout:
+                cfg: Qwen3_5VisionConfig) -> vision.VisionLayout:
   """Vision layout for [slots, max_len] patches, one (still) image per slot.
 
   Patch j of a slot with grid (1, h, w) sits at the (row, col) the Qwen processor's
@@ -38,23 +37,10 @@ def slot_layout(image_grid_thw: jax.Array, max_len: int,
   j = jnp.arange(max_len)[None, :]
   rows = (j // (m * m * blocks_per_row)) * m + (j // m) % m
   cols = ((j // (m * m)) % blocks_per_row) * m + j % m
-  side = int(math.isqrt(cfg.num_position_embeddings))
-
-  def taps(index, size):
-    src = index.astype(jnp.float32) * (side - 1) / jnp.maximum(size - 1, 1)
-    lo = jnp.floor(src)
-    frac = src - lo
-    lo = lo.astype(jnp.int32)
-    idx = jnp.stack([jnp.clip(lo, 0, side - 1), jnp.clip(lo + 1, 0, side - 1)], -1)
-    return idx, jnp.stack([1 - frac, frac], -1)
-
-  r_idx, r_w = taps(rows, h)
-  c_idx, c_w = taps(cols, w)
-  interp_index = (r_idx[..., :, None] * side + c_idx[..., None, :]).reshape(-1, 4)
-  interp_weight = (r_w[..., :, None] * c_w[..., None, :]).reshape(-1, 4)
+  interp_index, interp_weight = vision.position_taps(rows, cols, h, w, cfg)
   # Empty slots keep one key so their (unused) softmax rows stay finite.
   key_valid = (j < count) | ((count == 0) & (j == 0))
-  return VisionLayout(
+  return vision.VisionLayout(
       interp_index=interp_index, interp_weight=interp_weight,
       rows=rows.reshape(-1), cols=cols.reshape(-1), num_segments=thw.shape[0],
       max_len=max_len, key_valid=key_valid)

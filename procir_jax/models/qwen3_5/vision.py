@@ -47,6 +47,32 @@ class VisionLayout:
   scatter: Any = None
 
 
+def position_taps(rows, cols, height, width, cfg: Qwen3_5VisionConfig, xp=jnp):
+  """Rows of the learned position table and bilinear weights for each patch.
+
+  The square table is resampled to each image's (height, width) grid with aligned
+  corners and border-clamped taps. Returns ([N, 4] indices, [N, 4] weights).
+  """
+  side = int(math.isqrt(cfg.num_position_embeddings))
+  f32 = np.float32
+
+  def taps(index, size):
+    src = (index.astype(f32) * f32(side - 1) /
+           xp.maximum(size - 1, 1).astype(f32))
+    lo = xp.floor(src)
+    frac = (src - lo).astype(f32)
+    lo = lo.astype(xp.int32)
+    idx = xp.stack([xp.clip(lo, 0, side - 1), xp.clip(lo + 1, 0, side - 1)], -1)
+    wts = xp.stack([1 - frac, frac], -1).astype(f32)
+    return idx, wts
+
+  r_idx, r_w = taps(rows, height)
+  c_idx, c_w = taps(cols, width)
+  index = (r_idx[..., :, None] * side + c_idx[..., None, :]).reshape(-1, 4)
+  weight = (r_w[..., :, None] * c_w[..., None, :]).reshape(-1, 4)
+  return index, weight
+
+
 def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
@@ -108,24 +134,8 @@ def make_layout(image_grid_thw, num_patches: int, cfg: Qwen3_5VisionConfig,
   rows = block_row * m + in_row
   cols = block_col * m + in_col
 
-  side = int(math.isqrt(cfg.num_position_embeddings))
+  interp_index, interp_weight = position_taps(rows, cols, hi, wi, cfg, xp)
   f32 = np.float32
-
-  def taps(index, size):
-    # Bilinear resampling with aligned corners, border-clamped taps.
-    src = (index.astype(f32) * f32(side - 1) /
-           xp.maximum(size - 1, 1).astype(f32))
-    lo = xp.floor(src)
-    frac = (src - lo).astype(f32)
-    lo = lo.astype(xp.int32)
-    idx = xp.stack([xp.clip(lo, 0, side - 1), xp.clip(lo + 1, 0, side - 1)], -1)
-    wts = xp.stack([1 - frac, frac], -1).astype(f32)
-    return idx, wts
-
-  r_idx, r_w = taps(rows, hi)
-  c_idx, c_w = taps(cols, wi)
-  interp_index = (r_idx[:, :, None] * side + c_idx[:, None, :]).reshape(-1, 4)
-  interp_weight = (r_w[:, :, None] * c_w[:, None, :]).reshape(-1, 4)
   layout = dict(interp_index=interp_index.astype(np.int32),
                 interp_weight=interp_weight.astype(f32),
                 rows=rows.astype(np.int32), cols=cols.astype(np.int32))
