@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
 
 _EXAMPLES = flags.DEFINE_integer("examples", 96, "Contrastive examples to time.")
 _MODEL_RATE = flags.DEFINE_float(

@@ -7,6 +7,7 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -116,7 +117,7 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
   records = pipeline.records_for(data_mode, dcfg, "train")
   loader = pipeline.make_loader(data_mode, dcfg, records, train=True)
   trainer = step_lib.Trainer(
-      procir, opt_lib.make_optimizer(train_cfg, nnx_params(procir)), mesh,
+      procir, opt_lib.make_optimizer(train_cfg, nnx.state(procir, nnx.Param)), mesh,
       loss_config(config),
       mode=mode, cot=config.procir.cot, skip_nonfinite=config.train.skip_nonfinite)
   checkpointer = ckpt_lib.Checkpointer(
@@ -132,11 +133,6 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
       validate=validate, global_batch_size=config.data.global_batch_size)
   checkpointer.close()
   return state, trainer
-
-
-def nnx_params(procir):
-  from flax import nnx
-  return nnx.state(procir, nnx.Param)
 
 
 def stage_config(config, section: str):
@@ -155,15 +151,14 @@ def run_train(config, workdir: str) -> dict[str, float]:
                                   steps=config.sft.steps,
                                   train_cfg=stage_config(config, "sft"), name="sft")
     procir = trainer.procir(state)
-  graphdef = None
+  graphdef = nnx.split(procir, nnx.Param)[0]
+  encoder = encode_lib.Encoder(graphdef, mesh)  # compiled once for every validation
 
   def validate(state):
     return evaluate(config, paths, graphdef, state.params, mesh,
                     sources=config.eval.validation_sources, backends=("exact",),
-                    write=False)
+                    write=False, encoder=encoder)
 
-  from flax import nnx
-  graphdef = nnx.split(procir, nnx.Param)[0]
   state, trainer = _train_stage(config, paths, procir, mesh, mode="contrastive",
                                 steps=config.train.steps, train_cfg=config.train,
                                 name="contrastive",
@@ -172,15 +167,15 @@ def run_train(config, workdir: str) -> dict[str, float]:
 
 
 def evaluate(config, paths: Paths, graphdef, params, mesh,
-             sources=None, backends=("exact", "scann"), write: bool = True
-             ) -> dict[str, float]:
+             sources=None, backends=("exact", "scann"), write: bool = True,
+             encoder: encode_lib.Encoder | None = None) -> dict[str, float]:
   """The released protocol on the validation split: results.json, table, npz."""
   from procir_jax.eval import recall, report
 
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split,
-                                          sources or config.eval.sources)
+                                          sources or config.eval.sources, encoder)
   if not write:
     return recall.evaluate(embeddings, backends=backends).results_json("exact")
   results = None
@@ -211,7 +206,6 @@ def load_trained(config, workdir: str):
   The state comes from `model.checkpoint` when set, else from the workdir's own
   contrastive checkpoints when there are any, else the model directory as it is.
   """
-  from flax import nnx
 
   paths = prepare(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())

@@ -36,16 +36,16 @@ _BACKEND = flags.DEFINE_enum("backend", "scann", ["scann", "exact"], "Searcher."
 
 def _from_model():
   from procir_jax import experiment
-  from procir_jax.data import pipeline
+  from procir_jax.data import fashionmv, pipeline
   from procir_jax.eval import encode as encode_lib
 
   config = _CONFIG.value
   paths, mesh, graphdef, params = experiment.load_trained(config, _WORKDIR.value)
   dcfg = experiment.data_config(config, paths, batch_size=config.data.eval_batch_size,
                                 cot=False)
-  products = pipeline.records_for("gallery", dcfg, _SPLIT.value)
+  products = fashionmv.Products(paths.data_dir, _SPLIT.value)
   keys = [k for k in products.keys() if _SOURCE.value in (None, k[0])]
-  records = pipeline.records_for("gallery", dcfg, _SPLIT.value, product_keys=keys)
+  records = products.select(keys)
   docs, skipped = encode_lib.Encoder(graphdef, mesh).run(
       params, pipeline.make_loader("gallery", dcfg, records, train=False),
       "products", len(keys))

@@ -117,6 +117,26 @@ class Products:
   def get(self, key: ProductKey) -> Product:
     return self[self.index_of(key)]
 
+  def select(self, keys: Sequence[ProductKey]) -> "ProductSubset":
+    """The given products, in that order, as a random-access source."""
+    return ProductSubset(self, [self.index_of(k) for k in keys])
+
+
+class ProductSubset:
+  """Selected products of a `Products`, reusing its index."""
+
+  def __init__(self, products: Products, indices: Sequence[int]):
+    self._products, self._indices = products, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> Product:
+    return self._products[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    return f"ProductSubset({self._products!r}, {len(self)})"
+
 
 class Triplets:
   """Random access to `fashionmv/triplets`, in file order."""

@@ -11,7 +11,7 @@ exact next example (checkpoint it with `grain.checkpoint.CheckpointHandler`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import flags
 from absl import logging
@@ -61,22 +61,6 @@ class _PaddedSource:
 
   def __repr__(self) -> str:
     return f"Padded({self._source!r}, {self._len})"
-
-
-class _Subset:
-  """Selected records of a source, in the given order."""
-
-  def __init__(self, source, indices: Sequence[int]):
-    self._source, self._indices = source, np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    return self._source[int(self._indices[index])]
-
-  def __repr__(self) -> str:
-    return f"Subset({self._source!r}, {len(self)})"
 
 
 class _Indexed:
@@ -202,7 +186,7 @@ def records_for(mode: str, config: DataConfig, split: str,
     return fashionmv.JoinedTriplets(
         products, fashionmv.Triplets(config.data_dir, split), sources)
   if product_keys is not None:
-    return _Subset(products, [products.index_of(k) for k in product_keys])
+    return products.select(product_keys)
   return products
 
 
@@ -286,7 +270,3 @@ def log_skips(batch: Mapping[str, Any], counter: dict[str, int]) -> None:
   for message in batch["meta"]["skipped"]:
     counter["skipped"] = counter.get("skipped", 0) + 1
     logging.warning("Skipped example %d: %s", counter["skipped"], message)
-
-
-def batches(loader: grain.DataLoader) -> Iterator[dict[str, Any]]:
-  return iter(loader)

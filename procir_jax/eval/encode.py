@@ -69,7 +69,7 @@ class Encoder:
 
 def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
                        sources: Sequence[str] = SOURCES):
-  """Per source: (gallery product keys, joined query triplets)."""
+  """Per source: (gallery product keys, their records, joined query triplets)."""
   products = fashionmv.Products(data_cfg.data_dir, split)
   triplets = fashionmv.Triplets(data_cfg.data_dir, split)
   out = {}
@@ -81,7 +81,8 @@ def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
       if t.source == source:
         keys.update(k for k in ((source, t.source_id), (source, t.target_id))
                     if k in products)
-    out[source] = (sorted(keys), joined)
+    keys = sorted(keys)
+    out[source] = (keys, products.select(keys), joined)
   return out
 
 
@@ -91,9 +92,8 @@ def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
                     ) -> list[recall.DatasetEmbeddings]:
   encoder = encoder or Encoder(graphdef, mesh)
   results = []
-  for source, (keys, joined) in evaluation_records(data_cfg, split, sources).items():
-    gallery_records = pipeline.records_for("gallery", data_cfg, split,
-                                           product_keys=keys)
+  for source, (keys, gallery_records, joined) in evaluation_records(
+      data_cfg, split, sources).items():
     docs, skipped = encoder.run(
         params, pipeline.make_loader("gallery", data_cfg, gallery_records, train=False),
         f"{source} gallery", len(keys))

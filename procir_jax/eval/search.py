@@ -41,7 +41,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -69,11 +69,6 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return step, restored["state"]
 
-  def restore_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
