@@ -189,7 +189,7 @@ def run_jax(config, hcfg, batch, dtype_name: str, iters: int, devices: int):
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(),
                             devices=jax.devices()[:devices])
   trainer = step_lib.Trainer(
-      procir, opt_lib.make_optimizer(config.train, experiment.nnx_params(procir)),
+      procir, opt_lib.make_optimizer(config.train, nnx.state(procir, nnx.Param)),
       mesh, experiment.loss_config(config), mode="contrastive",
       cot=config.procir.cot)
   del model, procir
