@@ -69,7 +69,8 @@ def _ours(records, config, n):
       product = getattr(joined, side)
       decoded[side] = [examples.decode_image(v, side) for v in product.views]
     t2 = time.perf_counter()
-    patches = {side: builder.processor(images) for side, images in decoded.items()}
+    patches = {side: builder.processor.patchify(images)
+               for side, images in decoded.items()}
     t3 = time.perf_counter()
     counts = {side: [builder.processor.num_image_tokens(*im.shape[:2]) for im in images]
               for side, images in decoded.items()}
@@ -80,14 +81,13 @@ def _ours(records, config, n):
     captions = (d.caption(joined.source.caption_long),
                 d.caption(joined.target.caption_long))
     t4 = time.perf_counter()
-    seq = examples.EncodedSequence
     pending.append({"sequences": {
-        "query": seq(query, patches["source"].pixel_values,
-                     patches["source"].image_grid_thw),
-        "document": seq(document, patches["target"].pixel_values,
-                        patches["target"].image_grid_thw),
-        "source_caption": builder.text_only(captions[0]),
-        "target_caption": builder.text_only(captions[1]),
+        "query": builder.sequence(query, patches["source"].patches,
+                                  patches["source"].image_grid_thw),
+        "document": builder.sequence(document, patches["target"].patches,
+                                     patches["target"].image_grid_thw),
+        "source_caption": builder.sequence(captions[0]),
+        "target_caption": builder.sequence(captions[1]),
         "has_source_caption": True, "has_target_caption": True},
         "ids": {}, "error": None, "index": i})
     if len(pending) == 8:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from procir_jax import encoder
+from procir_jax.data.image_processing import PixelNorm
 from procir_jax.models.qwen3_5 import Qwen3_5Model
 
 
@@ -39,8 +40,12 @@ class LossConfig:
 class ProCIR(nnx.Module):
   """The encoder and ProCIR's own parameter: the (learnable) temperature."""
 
-  def __init__(self, model: Qwen3_5Model, temperature: float = 0.05):
+  def __init__(self, model: Qwen3_5Model, temperature: float = 0.05,
+               pixel_norm: PixelNorm = encoder.QWEN_PIXEL_NORM):
+    """`pixel_norm`: the model directory's image normalisation, applied on the
+    device to the pipeline's uint8 patches (ImageProcessor.pixel_norm)."""
     self.model = model
+    self.pixel_norm = pixel_norm
     self.log_temperature = nnx.Param(jnp.asarray(np.log(temperature), jnp.float32))
 
   @property
@@ -54,7 +59,7 @@ class ProCIR(nnx.Module):
   def embed_together(self, parts: list[Mapping[str, jax.Array]]
                      ) -> list[tuple[jax.Array, jax.Array]]:
     """`embed` of several batches in one model pass."""
-    hiddens = encoder.encode_together(self.model, parts)
+    hiddens = encoder.encode_together(self.model, parts, self.pixel_norm)
     return [(encoder.gather_embeddings(h, p["emb_positions"]), h)
             for h, p in zip(hiddens, parts)]
 
@@ -126,7 +131,7 @@ def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
 def sft_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
                ) -> dict[str, jax.Array]:
   part = batch["sft"]
-  hidden = encoder.encode(procir.model, part)
+  hidden = encoder.encode(procir.model, part, procir.pixel_norm)
   return {"sft": lm_loss(procir.model, hidden, part["input_ids"],
                          part["loss_mask"] & batch["valid"][:, None],
                          cfg.max_lm_tokens)}

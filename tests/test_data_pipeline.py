@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -49,15 +50,28 @@ def test_contrastive_batch_contents(config, tiny_tokenizer_dir):
                                        lengths[:, None])).all()  # right padded
   for name in ("query", "document"):
     part = batch[name]
-    assert part["pixel_values"].shape[2] in config.buckets.patches
-    assert part["pixel_values"].shape[1:2] + part["pixel_values"].shape[3:] == (5, 1536)
-    per_image = part["image_grid_thw"].prod(-1)  # [B, 5], zero for empty slots
-    tokens = (part["input_ids"] == pad).sum(1)
-    assert (tokens == per_image.sum(1) // 4).all()  # one token per 2x2 merged patches
-    for i, v in np.ndindex(per_image.shape):  # padding patches are zeros
-      n = per_image[i, v]
-      assert not part["pixel_values"][i, v, n:].any()
-      assert n == 0 or part["pixel_values"][i, v, n - 1].any()
+    # One group of slots (image_groups=1) of uint8 patches of one frame.
+    groups, slots, patches, dim = part["patches"].shape
+    assert part["patches"].dtype == np.uint8 and (groups, dim) == (1, 3 * 16 * 16)
+    assert patches in config.buckets.patches
+    per_image = part["image_grid_thw"][0].prod(-1)  # [slots], zero for empty slots
+    assert per_image.astype(bool).sum() == (per_image > 0).sum()
+    views = (part["image_slot"] >= 0)
+    tokens = views.sum(1)
+    assert ((part["input_ids"] == pad) == views).all()
+    assert tokens.sum() == per_image.sum() // 4  # one token per 2x2 merged patches
+    # Real views fill the first slots; every row's tokens name its own slots.
+    real = int((per_image > 0).sum())
+    assert (per_image[:real] > 0).all() and not per_image[real:].any()
+    assert slots in [max(1, int(np.ceil(f * 4 * 5))) for f in config.buckets.image_fill]
+    for v, n in enumerate(per_image):  # padding patches are zeros
+      assert not part["patches"][0, v, n:].any()
+      assert n == 0 or part["patches"][0, v, n - 1].any()
+    for i in range(4):
+      shown = np.unique(part["image_slot"][i][views[i]])
+      for v in shown:  # image v of the row has grid h*w/4 tokens at positions 0..
+        pos = part["image_pos"][i][part["image_slot"][i] == v]
+        np.testing.assert_array_equal(pos, np.arange(per_image[v] // 4))
   text = tokenizer.decode(batch["query"]["input_ids"][0])
   assert "make it" in text and text.count("<|im_start|>assistant") == 2
   assert not batch["query"]["loss_mask"].any()  # no chain of thought by default
@@ -115,7 +129,7 @@ def test_worker_processes_are_deterministic(config):
                                           train=True)), epoch) for _ in range(2)]
   for a, b in zip(*runs):
     assert _ids(a) == _ids(b)
-    np.testing.assert_array_equal(a["query"]["pixel_values"], b["query"]["pixel_values"])
+    np.testing.assert_array_equal(a["query"]["patches"], b["query"]["patches"])
   first_40 = sum(map(_ids, runs[0][:10]), [])  # within the first epoch
   assert len(set(first_40)) == 40
 
@@ -154,7 +168,8 @@ def test_buckets_bound_compilations(config):
   @jax.jit
   def step(batch):
     traces.append(1)  # runs once per compilation
-    return (batch["query"]["input_ids"].sum() + batch["document"]["pixel_values"].sum())
+    return (batch["query"]["input_ids"].sum() +
+            batch["document"]["patches"].astype(jnp.int32).sum())
 
   report = bucketing.PaddingReport()
   shapes = set()
@@ -214,12 +229,21 @@ def test_global_batches_on_the_mesh(config):
   import dataclasses
   cfg = dataclasses.replace(config, global_batch_size=8)
   records = pipeline.records_for("contrastive", cfg, "train")
-  batch = next(iter(pipeline.make_loader("contrastive", cfg, records, train=True)))
   sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
       mesh, jax.sharding.PartitionSpec("data", *([None] * (ndim - 1))))
+  batch = next(iter(pipeline.make_loader("contrastive", cfg, records, train=True)))
+  with pytest.raises(ValueError, match="image_groups"):
+    pipeline.to_global(batch, sharding)  # one image group cannot split 8 ways
+  cfg = dataclasses.replace(cfg, image_groups=8)
+  batch = next(iter(pipeline.make_loader("contrastive", cfg, records, train=True)))
   arrays = pipeline.to_global(batch, sharding)
   assert arrays["query"]["input_ids"].shape == batch["query"]["input_ids"].shape
-  assert len(arrays["query"]["pixel_values"].addressable_shards) == 8
+  # Device d holds row d and the image group of that row.
+  for shard in arrays["query"]["patches"].addressable_shards:
+    row = shard.index[0].start
+    assert shard.data.shape[0] == 1
+    tokens = int((batch["query"]["image_slot"][row] >= 0).sum())  # the row's image tokens
+    assert batch["query"]["image_grid_thw"][row].prod(-1).sum() == 4 * tokens
   np.testing.assert_array_equal(np.asarray(arrays["document"]["input_ids"]),
                                 batch["document"]["input_ids"])
 
@@ -227,6 +251,7 @@ def test_global_batches_on_the_mesh(config):
 _SHARD_SCRIPT = """
 import json, sys
 import jax
+import jax.numpy as jnp
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_num_cpu_devices", 2)
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))

@@ -22,34 +22,77 @@ def setup(tiny_model_dir):
   rng = np.random.default_rng(0)
   dialogues = dialogue.Dialogues(tokenizer)
   sequences = []
+  image_pad = tok.special_token_ids(tokenizer).image_pad
   for sizes in SIZES:
     images = [rng.integers(0, 255, (*s, 3), np.uint8) for s in sizes]
-    out = processor(images)
+    out = processor.patchify(images)
     tokens = dialogues.two_stage_query(
         [processor.num_image_tokens(*s) for s in sizes], "make it red")
-    sequences.append(examples.EncodedSequence(tokens, out.pixel_values,
-                                              out.image_grid_thw))
-  batch = bucketing.Buckets(lengths=(256, 512), patches=(64, 256, 512)).collate(
-      sequences + [None], tok.special_token_ids(tokenizer).pad, 2, True)
-  return model, sequences, batch
+    sequences.append(examples.EncodedSequence.build(
+        tokens, out.patches, out.image_grid_thw, image_token_id=image_pad,
+        merge_size=processor.merge_size))
+  buckets = bucketing.Buckets(lengths=(256, 512), patches=(64, 256, 512))
+  pad = tok.special_token_ids(tokenizer).pad
+  batch = buckets.collate(sequences + [None], pad, 2, True)
+  return model, processor, sequences, batch, buckets, pad
+
+
+def _model_forward(model, processor, s):
+  """The model's own forward (transformers' inputs) of one sequence."""
+  ids = s.tokens.input_ids[None]
+  return np.asarray(model(input_ids=ids, attention_mask=np.ones_like(ids),
+                          pixel_values=processor.normalize(s.patches),
+                          image_grid_thw=s.image_grid_thw))[0]
 
 
 def test_padded_batch_matches_per_example_forward(setup):
-  model, sequences, batch = setup
+  model, processor, sequences, batch, _, _ = setup
   hidden = np.asarray(jax.jit(encoder.encode)(model, encoder.numpy_batch(batch)))
   assert np.isfinite(hidden).all()
   for i, s in enumerate(sequences):
-    ids = s.tokens.input_ids[None]
-    expected = np.asarray(model(input_ids=ids, attention_mask=np.ones_like(ids),
-                                pixel_values=s.pixel_values,
-                                image_grid_thw=s.image_grid_thw))[0]
+    expected = _model_forward(model, processor, s)
     n = len(s.tokens)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(hidden[i, :n], expected, atol=2e-5 * scale)
 
 
+def test_packing_skips_empty_views_and_groups_keep_rows_images(setup):
+  """Two image groups (one per device of a 2-way batch split): each group holds the
+  images of its own rows only, and the forward is unchanged."""
+  model, processor, sequences, _, buckets, pad = setup
+  rows = [sequences[0], sequences[1], sequences[2], None]
+  batch = buckets.collate(rows, pad, 2, True, image_groups=2)
+  groups, slots = batch["patches"].shape[:2]
+  assert groups == 2
+  # Group 0 shows rows 0-1 (1 + 3 images), group 1 shows row 2 (2 images); a
+  # quarter of 2 rows x 5 views rounds to 3 slots, half to 5.
+  assert slots == 5
+  assert (batch["image_grid_thw"][0, :4] > 0).all() and not batch["image_grid_thw"][0, 4].any()
+  assert (batch["image_grid_thw"][1, :2] > 0).all() and not batch["image_grid_thw"][1, 2:].any()
+  np.testing.assert_array_equal(batch["image_slot"][1][batch["image_slot"][1] >= 0].min(), 1)
+  hidden = np.asarray(jax.jit(encoder.encode)(model, encoder.numpy_batch(batch)))
+  for i, s in enumerate(rows[:3]):
+    expected = _model_forward(model, processor, s)
+    np.testing.assert_allclose(hidden[i, :len(s.tokens)], expected,
+                               atol=2e-5 * np.abs(expected).max())
+
+
+def test_encode_together_equals_separate_encodes(setup):
+  model, _, sequences, batch, buckets, pad = setup
+  captions = buckets.collate([sequences[2], sequences[0], None, sequences[1]], pad, 2,
+                             False)
+  together = jax.jit(encoder.encode_together)(
+      model, [encoder.numpy_batch(batch), encoder.numpy_batch(captions),
+              encoder.numpy_batch(batch)])
+  alone = [jax.jit(encoder.encode)(model, encoder.numpy_batch(p))
+           for p in (batch, captions)]
+  for got, want in zip(together, alone + alone[:1]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_embeddings_are_unit_vectors_at_emb_all(setup):
-  model, sequences, batch = setup
+  model, _, sequences, batch, _, _ = setup
   hidden = encoder.encode(model, encoder.numpy_batch(batch))
   emb = np.asarray(encoder.gather_embeddings(hidden, jnp.asarray(batch["emb_positions"])))
   assert emb.shape == (4, 2, model.config.text.hidden_size)
@@ -61,7 +104,7 @@ def test_embeddings_are_unit_vectors_at_emb_all(setup):
 
 
 def test_gradient_through_the_padded_forward_is_finite(setup):
-  model, _, batch = setup
+  model, _, _, batch, _, _ = setup
   from flax import nnx
   graphdef, params = nnx.split(model)
 

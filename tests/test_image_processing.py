@@ -238,3 +238,31 @@ def test_errors_say_what_is_wrong(tmp_path, ours):
     ip.ImageProcessor(min_pixels=10, max_pixels=5)
   with pytest.raises(ValueError, match="image_mean"):
     ip.ImageProcessor(image_mean=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("norm", [dict(), dict(image_mean=(0.48145466, 0.4578275,
+                                                          0.40821073),
+                                            image_std=(0.26862954, 0.26130258,
+                                                       0.27577711))])
+def test_uint8_patches_normalised_on_the_device_equal_the_processor(norm):
+  """The pipeline sends uint8 patches of one frame; the device's rescale and
+  normalisation give the processor's values up to float32 rounding, for every level:
+  at most two rounding steps of the result (values lie in [-2.2, 2.8], where a step
+  is at most 2.4e-7)."""
+  import jax.numpy as jnp
+
+  proc = ip.ImageProcessor(**norm)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (64, 96, 3), np.uint8),
+            rng.integers(0, 256, (128, 128, 3), np.uint8)]
+  patches = proc.patchify(images)
+  assert patches.patches.dtype == np.uint8
+  assert patches.patches.shape[1] == 3 * 16 * 16
+  full = proc(images)
+  np.testing.assert_array_equal(patches.image_grid_thw, full.image_grid_thw)
+  np.testing.assert_array_equal(proc.normalize(patches.patches), full.pixel_values)
+  levels = np.tile(np.arange(256, dtype=np.uint8), 3)[None]  # every level, channel
+  host = proc.normalize(levels).reshape(1, 3, 2, 256)
+  np.testing.assert_array_equal(host[:, :, 0], host[:, :, 1])  # the repeated frame
+  device = np.asarray(proc.pixel_norm(jnp.asarray(levels), jnp)).reshape(1, 3, 256)
+  np.testing.assert_allclose(device, host[:, :, 0], rtol=0, atol=4.8e-7)

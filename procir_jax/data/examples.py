@@ -16,6 +16,7 @@ import numpy as np
 from procir_jax import dialogue
 from procir_jax.data import fashionmv
 from procir_jax.data.image_processing import ImageProcessor
+from procir_jax.models.qwen3_5 import rope
 
 
 class BadExampleError(ValueError):
@@ -24,11 +25,51 @@ class BadExampleError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class EncodedSequence:
-  """One dialogue to encode: tokens plus the patches of its images."""
+  """One dialogue to encode: tokens, the patches of its images, and where they go.
+
+  Attributes:
+    tokens: the rendered dialogue.
+    patches: uint8 [patches, 3 * patch * patch], one frame per patch, before
+      rescaling and normalising (see image_processing.ImagePatches).
+    image_grid_thw: int32 [images, 3].
+    position_ids: int32 [3, L] multimodal RoPE positions (t, h, w).
+    image_slot: int32 [L]: for an image token, which of the sequence's images it
+      shows; -1 for other tokens.
+    image_pos: int32 [L]: for an image token, its index among that image's merged
+      tokens; 0 for other tokens.
+  """
 
   tokens: dialogue.Tokens
-  pixel_values: np.ndarray  # float32 [patches, patch_dim]
-  image_grid_thw: np.ndarray  # int32 [images, 3]
+  patches: np.ndarray
+  image_grid_thw: np.ndarray
+  position_ids: np.ndarray
+  image_slot: np.ndarray
+  image_pos: np.ndarray
+
+  @classmethod
+  def build(cls, tokens: dialogue.Tokens, patches: np.ndarray,
+            image_grid_thw: np.ndarray, *, image_token_id: int,
+            merge_size: int) -> "EncodedSequence":
+    """Computes the positions and the image-token layout of a dialogue."""
+    ids = np.asarray(tokens.input_ids)
+    grid = np.asarray(image_grid_thw, np.int32).reshape(-1, 3)
+    length = len(ids)
+    is_img = ids == image_token_id
+    if not len(grid):
+      positions = np.broadcast_to(np.arange(length, dtype=np.int32), (3, length))
+      return cls(tokens, patches, grid, positions.copy(),
+                 np.full(length, -1, np.int32), np.zeros(length, np.int32))
+    positions = rope.multimodal_position_ids(
+        ids[None], None, grid, image_token_id=image_token_id,
+        spatial_merge_size=merge_size, xp=np)[:, 0]
+    counts = grid.prod(axis=1) // merge_size ** 2
+    ends = np.cumsum(counts)
+    rank = np.cumsum(is_img) - 1
+    slot = np.clip(np.searchsorted(ends, rank, side="right"), 0, len(grid) - 1)
+    pos = rank - (ends[slot] - counts[slot])
+    return cls(tokens, patches, grid, positions.astype(np.int32),
+               np.where(is_img, slot, -1).astype(np.int32),
+               np.where(is_img, pos, 0).astype(np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +101,16 @@ class ExampleBuilder:
                options: ExampleOptions = ExampleOptions()):
     self.dialogues, self.processor, self.options = dialogues, processor, options
 
+  def sequence(self, tokens: dialogue.Tokens, patches: np.ndarray | None = None,
+               grid: np.ndarray | None = None) -> EncodedSequence:
+    """A rendered dialogue with its images' uint8 patches (none: text only)."""
+    if patches is None:
+      patches = np.zeros((0, 3 * self.processor.patch_size ** 2), np.uint8)
+      grid = np.zeros((0, 3), np.int32)
+    return EncodedSequence.build(tokens, patches, grid,
+                                 image_token_id=self.dialogues.ids.image_pad,
+                                 merge_size=self.processor.merge_size)
+
   def _views(self, product: fashionmv.Product
              ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     views = product.views[:self.options.max_views]
@@ -68,21 +119,17 @@ class ExampleBuilder:
                             f"no views.")
     images = [decode_image(v, f"product {product.product_id!r} ({product.source})")
               for v in views]
-    processed = self.processor(images)
+    processed = self.processor.patchify(images)
     tokens = [self.processor.num_image_tokens(*im.shape[:2]) for im in images]
-    return processed.pixel_values, processed.image_grid_thw, tokens
-
-  @staticmethod
-  def text_only(tokens: dialogue.Tokens) -> EncodedSequence:
-    return EncodedSequence(tokens, np.zeros((0, 0), np.float32), np.zeros((0, 3), np.int32))
+    return processed.patches, processed.image_grid_thw, tokens
 
   def document(self, product: fashionmv.Product) -> EncodedSequence:
-    pixels, grid, counts = self._views(product)
-    return EncodedSequence(self.dialogues.document(counts), pixels, grid)
+    patches, grid, counts = self._views(product)
+    return self.sequence(self.dialogues.document(counts), patches, grid)
 
   def query(self, joined: fashionmv.JoinedTriplet, with_reasoning: bool) -> EncodedSequence:
     o = self.options
-    pixels, grid, counts = self._views(joined.source)
+    patches, grid, counts = self._views(joined.source)
     text = joined.triplet.texts.get(o.query_text)
     if text is None:
       raise BadExampleError(
@@ -96,12 +143,12 @@ class ExampleBuilder:
       tokens = self.dialogues.two_stage_query(counts, text, reasoning)
     else:
       tokens = self.dialogues.single_stage_query(counts, text, reasoning[1])
-    return EncodedSequence(tokens, pixels, grid)
+    return self.sequence(tokens, patches, grid)
 
   def caption(self, product: fashionmv.Product) -> tuple[EncodedSequence, bool]:
     """The product's alignment caption, and whether it has one."""
     text = getattr(product, self.options.align_caption)
-    return self.text_only(self.dialogues.caption(text or "")), bool(text)
+    return self.sequence(self.dialogues.caption(text or "")), bool(text)
 
   # --- modes ---------------------------------------------------------------------
 
@@ -118,8 +165,8 @@ class ExampleBuilder:
     if not answer:
       raise BadExampleError(f"Product {product.product_id!r} ({product.source}) has "
                             f"no {self.options.sft_caption} to learn from.")
-    pixels, grid, counts = self._views(product)
-    return {"sft": EncodedSequence(self.dialogues.sft(counts, answer), pixels, grid)}
+    patches, grid, counts = self._views(product)
+    return {"sft": self.sequence(self.dialogues.sft(counts, answer), patches, grid)}
 
   def gallery(self, product: fashionmv.Product) -> dict[str, Any]:
     return {"document": self.document(product)}

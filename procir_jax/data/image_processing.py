@@ -141,6 +141,51 @@ def to_rgb_array(image: Any) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImagePatches:
+  """Resized images cut into patches, still as uint8 pixels of one frame.
+
+  This is what the input pipeline sends to the accelerator: a quarter of the bytes
+  of float32 and an eighth of the processor's patches (no temporal repeat).
+  `ImageProcessor.normalize` (host) and `PixelNorm` (device) finish the job.
+
+  Attributes:
+    patches: uint8 [total_patches, 3 * patch * patch], channel-major like the
+      processor's patches; the images one after another, in input order.
+    image_grid_thw: int32 [num_images, 3]; each image's (t, h, w) patch grid.
+  """
+
+  patches: np.ndarray
+  image_grid_thw: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelNorm:
+  """The processor's rescale and normalisation, for patches on the device.
+
+  uint8 in, float32 out, equal to `ImageProcessor.normalize` up to float32 rounding
+  (that one rescales in float64, as transformers does; the two differ by at most two
+  rounding steps of the result, e.g. 2.4e-7 for Qwen's values in [-1, 1]).
+  """
+
+  rescale_factor: float | None  # None: no rescaling
+  mean: tuple[float, float, float] | None  # None: no normalising
+  std: tuple[float, float, float] | None
+
+  def __call__(self, patches, xp):
+    """uint8 [..., C * p * p] -> float32 of the same shape (xp: numpy or jnp)."""
+    channels = 3
+    x = patches.astype(xp.float32)
+    x = x.reshape(patches.shape[:-1] + (channels, patches.shape[-1] // channels))
+    if self.rescale_factor is not None:
+      x = x * xp.float32(self.rescale_factor)
+    if self.mean is not None:
+      mean = xp.asarray(self.mean, xp.float32)[:, None]
+      std = xp.asarray(self.std, xp.float32)[:, None]
+      x = (x - mean) / std
+    return x.reshape(patches.shape)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProcessedImages:
   """Patches of a batch of images, ready for the vision tower.
 
@@ -337,6 +382,18 @@ class ImageProcessor:
     Returns:
       The patches of all images, concatenated, and each image's grid.
     """
+    patches = self.patchify(images)
+    return ProcessedImages(self.normalize(patches.patches), patches.image_grid_thw)
+
+  def patchify(self, images: Any) -> ImagePatches:
+    """Resizes and cuts images into uint8 patches (no rescaling or normalising).
+
+    Args:
+      images: as for `__call__`.
+
+    Returns:
+      The uint8 patches of all images, concatenated, and each image's grid.
+    """
     if isinstance(images, (Image.Image, np.ndarray)):
       images = [images]
     resized = []
@@ -346,15 +403,38 @@ class ImageProcessor:
     p = self.patch_size
     grids = np.asarray([(1, h // p, w // p) for h, w, _ in
                         (r.shape for r in resized)], np.int32).reshape(-1, 3)
+    frame_dim = 3 * p * p
     # Each image writes straight into its rows: no per-image copies to join.
-    pixel_values = np.empty((int(grids.prod(axis=1).sum()), self.patch_dim),
-                            np.float32)
+    patches = np.empty((int(grids.prod(axis=1).sum()), frame_dim), np.uint8)
     start = 0
     for rgb, (t, gh, gw) in zip(resized, grids):
       end = start + t * gh * gw
-      self._patchify(rgb, pixel_values[start:end])
+      self._patchify(rgb, patches[start:end])
       start = end
-    return ProcessedImages(pixel_values, grids)
+    return ImagePatches(patches, grids)
+
+  def normalize(self, patches: np.ndarray) -> np.ndarray:
+    """float32 [N, patch_dim] processor patches from uint8 [N, 3 * patch * patch].
+
+    Rescales and normalises every value and repeats the still frame over the
+    temporal patch, exactly as transformers' processor does.
+    """
+    t = self.temporal_patch_size
+    n = patches.shape[0]
+    out = np.empty((n, 3, t, self.patch_size ** 2), np.float32)
+    planes = patches.reshape(n, 3, self.patch_size ** 2)
+    for c in range(3):
+      # Broadcasting over the temporal axis repeats the still frame.
+      out[:, c] = np.take(self._table[c], planes[:, c])[:, None, :]
+    return out.reshape(n, self.patch_dim)
+
+  @property
+  def pixel_norm(self) -> PixelNorm:
+    """The rescale and normalisation, to apply to uint8 patches on the device."""
+    return PixelNorm(
+        rescale_factor=float(self.rescale_factor) if self.do_rescale else None,
+        mean=self.image_mean if self.do_normalize else None,
+        std=self.image_std if self.do_normalize else None)
 
   def _resize(self, rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     if rgb.shape[:2] == (height, width):
@@ -364,18 +444,13 @@ class ImageProcessor:
     return np.asarray(resized)
 
   def _patchify(self, rgb: np.ndarray, out: np.ndarray) -> None:
-    """Writes the patches of one resized image into `out` [rows, patch_dim]."""
-    p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+    """Writes the uint8 patches of one resized image into `out` [rows, 3*p*p]."""
+    p, m = self.patch_size, self.merge_size
     height, width, channels = rgb.shape
     gh, gw = height // p, width // p
-    # Reorder the uint8 pixels first: moving bytes is 4x cheaper than floats.
     blocks = rgb.reshape(gh // m, m, p, gw // m, m, p, channels)
     blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
-    blocks = blocks.reshape(gh * gw, channels, 1, p * p)
-    out = out.reshape(gh * gw, channels, t, p * p)
-    for c in range(channels):
-      # Broadcasting over the temporal axis repeats the still frame.
-      out[:, c] = np.take(self._table[c], blocks[:, c])
+    out[:] = blocks.reshape(gh * gw, channels * p * p)
 
   def _level_table(self) -> np.ndarray:
     """float32 [3, 256]: each uint8 level of each channel, fully processed.

@@ -43,6 +43,9 @@ class DataConfig:
   max_pixels: int = PROCIR_MAX_PIXELS
   buckets: bucketing.Buckets = bucketing.Buckets()
   options: examples.ExampleOptions = examples.ExampleOptions()
+  # Image groups per process-local batch: one per local batch shard of the mesh
+  # (sharding.local_batch_shards), so each device holds the images of its own rows.
+  image_groups: int = 1
 
 
 class _PaddedSource:
@@ -119,9 +122,11 @@ class Collate:
 
   def __init__(self, names: Sequence[str], num_emb: Mapping[str, int],
                with_images: Mapping[str, bool], buckets: bucketing.Buckets,
-               pad_id: int, batch_size: int):
+               pad_id: int, batch_size: int, image_groups: int = 1,
+               patch_dim: int | None = None):
     self.names, self.num_emb, self.with_images = tuple(names), num_emb, with_images
     self.buckets, self.pad_id, self.batch_size = buckets, pad_id, batch_size
+    self.image_groups, self.patch_dim = image_groups, patch_dim
 
   def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     items = list(items) + [{"sequences": None, "ids": None, "error": None,
@@ -135,7 +140,8 @@ class Collate:
     for name in self.names:
       batch[name] = self.buckets.collate(
           [it["sequences"][name] if it["sequences"] else None for it in items],
-          self.pad_id, self.num_emb[name], self.with_images[name])
+          self.pad_id, self.num_emb[name], self.with_images[name],
+          image_groups=self.image_groups, patch_dim=self.patch_dim)
       flag = f"has_{name}"
       if any(it["sequences"] and flag in it["sequences"] for it in items):
         batch[flag] = np.asarray([bool(it["sequences"] and it["sequences"][flag])
@@ -157,11 +163,16 @@ _WITH_IMAGES = {"query": True, "document": True, "sft": True,
                 "source_caption": False, "target_caption": False}
 
 
-def make_collate(mode: str, config: DataConfig, pad_id: int, batch_size: int
-                 ) -> Collate:
+def make_collate(mode: str, config: DataConfig, pad_id: int, batch_size: int,
+                 patch_dim: int | None = None) -> Collate:
+  if batch_size % config.image_groups:
+    raise ValueError(f"The local batch of {batch_size} does not split into "
+                     f"{config.image_groups} image groups (one per local batch "
+                     f"shard); make the batch size a multiple of the data-parallel "
+                     f"device count.")
   return Collate(examples.sequence_names(mode, config.options),
                  _num_emb(mode, config.options), _WITH_IMAGES, config.buckets, pad_id,
-                 batch_size)
+                 batch_size, config.image_groups, patch_dim)
 
 
 def make_builder(config: DataConfig) -> tuple[examples.ExampleBuilder, int]:
@@ -217,7 +228,8 @@ def make_loader(mode: str, config: DataConfig, records, *, train: bool
       num_records=len(records),
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
       shuffle=train, num_epochs=config.num_epochs if train else 1, seed=config.seed)
-  collate = make_collate(mode, config, pad_id, local_batch)
+  collate = make_collate(mode, config, pad_id, local_batch,
+                         patch_dim=3 * builder.processor.patch_size ** 2)
   return grain.DataLoader(
       data_source=_Indexed(records), sampler=sampler,
       operations=[MakeExample(builder, mode, config.buckets,
@@ -261,8 +273,19 @@ def to_global(batch: Mapping[str, Any], sharding_for) -> dict[str, jax.Array]:
   first, over the mesh's data axes).
   """
   part = agree_on_shapes(batch)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding_for(x.ndim), x), part)
+
+  def put(path, x):
+    try:
+      return jax.make_array_from_process_local_data(sharding_for(x.ndim), x)
+    except ValueError as e:
+      name = jax.tree_util.keystr(path)
+      hint = (" Images are packed in DataConfig.image_groups groups; set it to the "
+              "process's batch shards (sharding.local_batch_shards(mesh))."
+              if "patches" in name or "image_grid" in name else "")
+      raise ValueError(f"Batch array {name} of shape {x.shape} does not split over "
+                       f"the mesh: {e}{hint}") from e
+
+  return jax.tree_util.tree_map_with_path(put, part)
 
 
 def log_skips(batch: Mapping[str, Any], counter: dict[str, int]) -> None:

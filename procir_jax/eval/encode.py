@@ -19,9 +19,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from procir_jax.data import examples, fashionmv, pipeline
+from procir_jax.data import fashionmv, pipeline
 from procir_jax.eval import recall
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 
 SOURCES = ("deepfashion", "f200k", "fashiongen")
 
@@ -34,7 +34,8 @@ class Encoder:
     replicated = NamedSharding(mesh, P())
 
     def embed(params, part):
-      emb, _ = nnx.merge(graphdef, params).embed(part)
+      with sharding.mesh_context(mesh):
+        emb, _ = nnx.merge(graphdef, params).embed(part)
       return jax.lax.with_sharding_constraint(emb, replicated)
 
     self._embed = jax.jit(embed)
@@ -43,10 +44,15 @@ class Encoder:
     """[B, E, H] unit embeddings of one batch (global arrays or host arrays)."""
     return np.asarray(self._embed(params, part))
 
+  def lower(self, params, part) -> jax.stages.Lowered:
+    """The encode step lowered for (abstract) parameters and a batch, to compile
+    ahead of time (see Trainer.lower)."""
+    return self._embed.trace(params, part).lower()
+
   def run(self, params, loader, what: str, total: int
           ) -> tuple[dict[int, np.ndarray], list[str]]:
     """{record index: [E, H] embeddings} for every valid row, and skip messages."""
-    sharding_for = mesh_lib.batch_sharding(self.mesh)
+    sharding_for = sharding.batch_sharding(self.mesh)
     out, skipped, start, done = {}, [], time.perf_counter(), 0
     for batch in loader:
       name = next(k for k in ("document", "query") if k in batch)
@@ -121,11 +127,10 @@ def embed_query(encoder: Encoder, params, builder, images: Sequence[np.ndarray],
                 text: str, buckets) -> np.ndarray:
   """q for one query given as views (RGB uint8 arrays) and a modification text."""
   views = list(images)[:builder.options.max_views]
-  processed = builder.processor(views)
+  processed = builder.processor.patchify(views)
   counts = [builder.processor.num_image_tokens(*im.shape[:2]) for im in views]
   tokens = builder.dialogues.two_stage_query(counts, text)
-  sequence = examples.EncodedSequence(tokens, processed.pixel_values,
-                                      processed.image_grid_thw)
+  sequence = builder.sequence(tokens, processed.patches, processed.image_grid_thw)
   buckets.check(sequence, "the query")
   part = buckets.collate([sequence], builder.dialogues.ids.pad, 2, True)
   return encoder.embed(params, jax.device_put(part, NamedSharding(encoder.mesh, P()))
