@@ -12,6 +12,7 @@ from procir_jax.models.qwen3_5.config import (Qwen3_5Config,
                                               Qwen3_5TextConfig,
                                               Qwen3_5VisionConfig)
 from procir_jax.models.qwen3_5.model import Qwen3_5Model, grow_vocab
+from procir_jax.models.qwen3_5.options import ModelOptions
 from procir_jax.models.qwen3_5.params import (from_state_dict, load_pretrained,
                                               param_paths, save_pretrained)
 
@@ -20,6 +21,7 @@ __all__ = [
     "Qwen3_5TextConfig",
     "Qwen3_5VisionConfig",
     "Qwen3_5Model",
+    "ModelOptions",
     "grow_vocab",
     "from_state_dict",
     "load_pretrained",

@@ -9,11 +9,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from procir_jax import sharding
 from procir_jax.models.qwen3_5 import gated_delta
 from procir_jax.models.qwen3_5 import rope
 from procir_jax.models.qwen3_5.config import Qwen3_5TextConfig
+from procir_jax.models.qwen3_5.layer_stack import pattern_period, run_layers
 from procir_jax.models.qwen3_5.layers import (GatedRMSNorm, RMSNorm, activation,
-                                              dot_attention, linear)
+                                              attention, linear)
+from procir_jax.models.qwen3_5.options import ModelOptions
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -46,14 +49,15 @@ class GatedDeltaNet(nnx.Module):
   """Linear-attention token mixer built on the gated delta rule."""
 
   def __init__(self, cfg: Qwen3_5TextConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs, chunk_size: int = 64):
+               rngs: nnx.Rngs, chunk_size: int = 64,
+               options: ModelOptions = ModelOptions()):
+    self.options = options
     self.num_k_heads = cfg.linear_num_key_heads
     self.num_v_heads = cfg.linear_num_value_heads
     self.k_dim = cfg.linear_key_head_dim
     self.v_dim = cfg.linear_value_head_dim
     self.chunk_size = chunk_size
     self.dtype = dtype
-    self.delta_rule = "chunked"
     key_size = self.num_k_heads * self.k_dim
     value_size = self.num_v_heads * self.v_dim
     self.key_size, self.value_size = key_size, value_size
@@ -93,26 +97,44 @@ class GatedDeltaNet(nnx.Module):
     a = self.in_proj_a(x).astype(f32)
     g = -jnp.exp(self.A_log[...].astype(f32)) * jax.nn.softplus(
         a + self.dt_bias[...].astype(f32))
-    q = l2_normalize(q.astype(f32)) * (self.k_dim ** -0.5)
-    k = l2_normalize(k.astype(f32))
-    if self.delta_rule == "recurrent":
-      out, _ = gated_delta.recurrent_gated_delta_rule(q, k, v, g, beta)
-    else:
-      # fp32 compute keeps the fp32 products exact; under bf16 compute the
-      # default precision lets the hardware use its fast fp32 path (TF32).
-      precision = (lax.Precision.HIGHEST if jnp.dtype(self.dtype) == f32
-                   else lax.Precision.DEFAULT)
-      out, _ = gated_delta.chunk_gated_delta_rule(
-          q, k, v, g, beta, chunk_size=self.chunk_size, precision=precision)
+    # Normalised in fp32, then handed over in the compute dtype: the delta
+    # rule accumulates in fp32 itself.
+    q = (l2_normalize(q.astype(f32)) * (self.k_dim ** -0.5)).astype(self.dtype)
+    k = l2_normalize(k.astype(f32)).astype(self.dtype)
+    out = self._delta_rule(q, k, v, g, beta)
     out = self.norm(out.astype(self.dtype), z)
     return self.out_proj(out.reshape(b, length, self.value_size))
+
+  def _delta_rule(self, q, k, v, g, beta):
+    """The delta rule's output [B, L, Hv, Dv] by the implementation the options
+    name (see options.DELTA_RULE)."""
+    rule = self.options.delta_rule
+    if rule == "recurrent":
+      return gated_delta.recurrent_gated_delta_rule(q, k, v, g, beta)[0]
+    if rule == "pallas":
+      from procir_jax.models.qwen3_5.kernels import tpu_gated_delta  # pylint: disable=g-import-not-at-top
+      if tpu_gated_delta.supported(q.shape, v.shape):
+        def kernel(q, k, v, g, beta):
+          return tpu_gated_delta.chunk_gated_delta_rule(
+              q, k, v, g, beta, chunk_size=self.chunk_size,
+              interpret=self.options.interpret_kernels)
+        # XLA cannot partition a Pallas call: run it on each device's rows and heads.
+        return sharding.per_shard(kernel, q, k, v, g, beta, head_dims=(2,) * 5)
+    # fp32 compute keeps the products true fp32 (HIGHEST); under bf16
+    # compute DEFAULT gives bf16 operands with fp32 accumulation.
+    precision = (lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32
+                 else lax.Precision.DEFAULT)
+    return gated_delta.chunk_gated_delta_rule(
+        q, k, v, g, beta, chunk_size=self.chunk_size, precision=precision,
+        unroll=self.options.unroll_loops)[0]
 
 
 class Attention(nnx.Module):
   """Gated attention: sigmoid output gate, q/k RMSNorm, partial mRoPE, GQA."""
 
   def __init__(self, cfg: Qwen3_5TextConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
+    self.options = options
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = cfg.head_dim
@@ -130,8 +152,9 @@ class Attention(nnx.Module):
                           param_dtype=param_dtype)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
-    """x: [B, L, hidden]; cos/sin: [B, L, rot]; mask: [B, 1, L, L] bool."""
+               kv_lengths: jax.Array | None) -> jax.Array:
+    """x: [B, L, hidden]; cos/sin: [B, L, rot]; kv_lengths: [B] tokens per row
+    (right padded) or None. Attention is causal."""
     b, length, _ = x.shape
     qg = self.q_proj(x).reshape(b, length, self.num_heads, 2 * self.head_dim)
     q, gate = jnp.split(qg, 2, axis=-1)
@@ -140,7 +163,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     q = rope.apply_rotary(self.q_norm(q), cos, sin)
     k = rope.apply_rotary(self.k_norm(k), cos, sin)
-    out = dot_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+    out = attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim), causal=True,
+                    kv_lengths=kv_lengths, impl=self.options.attention,
+                    interpret=self.options.interpret_kernels)
     out = out.reshape(b, length, -1) * jax.nn.sigmoid(
         gate.astype(jnp.float32)).astype(out.dtype)
     return self.o_proj(out)
@@ -166,25 +191,25 @@ class DecoderLayer(nnx.Module):
   """Pre-norm residual block: token mixer, then MLP."""
 
   def __init__(self, cfg: Qwen3_5TextConfig, layer_type: str, *, dtype,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.layer_type = layer_type
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if layer_type == "linear_attention":
-      self.linear_attn = GatedDeltaNet(cfg, **kw)
+      self.linear_attn = GatedDeltaNet(cfg, options=options, **kw)
     else:
-      self.self_attn = Attention(cfg, **kw)
+      self.self_attn = Attention(cfg, options=options, **kw)
     self.mlp = MLP(cfg, **kw)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                    param_dtype=param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                             param_dtype=param_dtype)
 
-  def __call__(self, x, *, cos, sin, attn_mask, token_mask):
+  def __call__(self, x, *, cos, sin, kv_lengths, token_mask):
     h = self.input_layernorm(x)
     if self.layer_type == "linear_attention":
       h = self.linear_attn(h, token_mask)
     else:
-      h = self.self_attn(h, cos, sin, attn_mask)
+      h = self.self_attn(h, cos, sin, kv_lengths)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -193,15 +218,17 @@ class TextModel(nnx.Module):
   """Token embedding, the decoder stack and the final norm."""
 
   def __init__(self, cfg: Qwen3_5TextConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.config = cfg
     self.dtype = dtype
+    self.options = options
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=jax.nn.initializers.normal(cfg.initializer_range),
         rngs=rngs)
     self.layers = nnx.List([
-        DecoderLayer(cfg, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        DecoderLayer(cfg, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                     options=options)
         for t in cfg.layer_types
     ])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
@@ -214,23 +241,25 @@ class TextModel(nnx.Module):
 
     Args:
       inputs_embeds: [B, L, hidden].
-      attention_mask: [B, L] with 1 for tokens and 0 for padding, or None.
+      attention_mask: [B, L] with 1 for tokens and 0 for padding (right
+        padding: each row's tokens come first), or None.
       position_ids: [3, B, L] (t, h, w) positions.
 
     Returns:
       [B, L, hidden] last hidden states after the final norm.
     """
     cfg = self.config
-    b, length, _ = inputs_embeds.shape
     cos, sin = rope.text_rope_tables(position_ids, cfg.rotary_dim,
                                      cfg.rope_theta, cfg.mrope_section)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    if attention_mask is None:
-      attn_mask = causal
-    else:
-      attn_mask = causal & attention_mask.astype(bool)[:, None, None, :]
-    x = inputs_embeds.astype(self.dtype)
-    for layer in self.layers:
-      x = layer(x, cos=cos, sin=sin, attn_mask=attn_mask,
-                token_mask=attention_mask)
+    # Right padding: a row's keys are its first kv_lengths tokens. Keeping at least
+    # one key keeps all-padding rows finite.
+    kv_lengths = None if attention_mask is None else jnp.maximum(
+        jnp.sum(attention_mask, axis=-1, dtype=jnp.int32), 1)
+
+    def call(layer, x):
+      return layer(x, cos=cos, sin=sin, kv_lengths=kv_lengths,
+                   token_mask=attention_mask)
+
+    x = run_layers(list(self.layers), inputs_embeds.astype(self.dtype), call,
+                   self.options, period=pattern_period(cfg.layer_types))
     return self.norm(x)

@@ -13,6 +13,7 @@ from procir_jax.models.qwen3_5 import rope
 from procir_jax.models.qwen3_5.config import Qwen3_5Config
 from procir_jax.models.qwen3_5.decoder import TextModel
 from procir_jax.models.qwen3_5.layers import linear
+from procir_jax.models.qwen3_5.options import ModelOptions
 from procir_jax.models.qwen3_5.vision import VisionModel, make_layout
 
 
@@ -24,7 +25,8 @@ class Qwen3_5Model(nnx.Module):
   """
 
   def __init__(self, config: Qwen3_5Config, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+               options: ModelOptions | None = None):
     """Builds the model with freshly initialised parameters.
 
     Args:
@@ -33,17 +35,22 @@ class Qwen3_5Model(nnx.Module):
         delta-rule recurrence always run in fp32).
       param_dtype: storage dtype of the parameters.
       rngs: initialisation randomness; defaults to nnx.Rngs(0).
+      options: attention kernel, rematerialisation and layer scan; "auto"
+        attention is resolved for the default backend's devices (resolve it
+        yourself with `ModelOptions.for_platform` when compiling for others).
     """
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    options = (options or ModelOptions()).for_platform(jax.devices()[0].platform)
     self.config = config
     self.dtype = dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.options = options
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, options=options)
     self.visual = VisionModel(config.vision, **kw)
     self.language_model = TextModel(config.text, **kw)
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.text.hidden_size, config.text.vocab_size,
                             use_bias=False, std=config.text.initializer_range,
-                            **kw)
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array,
                attention_mask: jax.Array | None = None,

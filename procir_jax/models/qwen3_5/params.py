@@ -24,6 +24,7 @@ from flax import nnx
 
 from procir_jax.models.qwen3_5.config import Qwen3_5Config
 from procir_jax.models.qwen3_5.model import Qwen3_5Model
+from procir_jax.models.qwen3_5.options import ModelOptions
 
 # ---------------------------------------------------------------------------
 # Layout transforms between torch tensors and NNX parameters.
@@ -325,7 +326,8 @@ def _place(view: np.ndarray, dtype, sharding) -> jax.Array:
 def load_pretrained(hf_dir: str, dtype=jnp.float32, *,
                     param_dtype=jnp.float32,
                     shardings: ShardingSpec = None,
-                    config: Qwen3_5Config | None = None) -> Qwen3_5Model:
+                    config: Qwen3_5Config | None = None,
+                    options: ModelOptions | None = None) -> Qwen3_5Model:
   """Loads a Hugging Face Qwen3.5 checkpoint directory into Qwen3_5Model.
 
   Args:
@@ -340,6 +342,7 @@ def load_pretrained(hf_dir: str, dtype=jnp.float32, *,
       to the default device. Each device reads only its slice of each tensor,
       so no full host copy of the model is ever made.
     config: overrides the directory's config.json.
+    options: how the model runs (attention kernel, remat, layer scan).
 
   Returns:
     The model with the checkpoint's weights.
@@ -350,18 +353,19 @@ def load_pretrained(hf_dir: str, dtype=jnp.float32, *,
   """
   cfg = config or Qwen3_5Config.from_pretrained(hf_dir)
   return _load(cfg, SafetensorsReader.from_dir(hf_dir), hf_dir, dtype=dtype,
-               param_dtype=param_dtype, shardings=shardings)
+               param_dtype=param_dtype, shardings=shardings, options=options)
 
 
 def from_state_dict(config: Qwen3_5Config, tensors: Mapping[str, Any],
                     dtype=jnp.float32, *, param_dtype=jnp.float32,
-                    shardings: ShardingSpec = None) -> Qwen3_5Model:
+                    shardings: ShardingSpec = None,
+                    options: ModelOptions | None = None) -> Qwen3_5Model:
   """Like load_pretrained, from in-memory tensors named as in a checkpoint."""
   return _load(config, DictReader(tensors), "the given tensors", dtype=dtype,
-               param_dtype=param_dtype, shardings=shardings)
+               param_dtype=param_dtype, shardings=shardings, options=options)
 
 
-def _load(cfg, reader, source, *, dtype, param_dtype, shardings):
+def _load(cfg, reader, source, *, dtype, param_dtype, shardings, options):
   names = reader.keys()
   ignored = [n for n in names if _IGNORED.match(n)]
   if ignored:
@@ -384,7 +388,8 @@ def _load(cfg, reader, source, *, dtype, param_dtype, shardings):
       cfg = cfg.replace(tie_word_embeddings=False)
 
   model = nnx.eval_shape(lambda: Qwen3_5Model(
-      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+      options=options))
   params = param_paths(model)
 
   plan, unexpected, mismatched, seen = [], [], [], {}

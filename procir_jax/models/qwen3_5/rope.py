@@ -11,29 +11,32 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def rotate_half(x: jax.Array) -> jax.Array:
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates the first `cos.shape[-1]` features of x; the rest pass through.
 
+  Computes x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1],
+  half by half: the tables of this module
+  repeat their first half in their second, so [x1, x2] becomes
+  [x1 c - x2 s, x2 c + x1 s] with (c, s) the first halves, written once, with no
+  negated or rotated copy of x.
+
   Args:
     x: [..., L, heads, head_dim].
-    cos: [..., L, rotary_dim], broadcast over heads.
+    cos: [..., L, rotary_dim], broadcast over heads; its two halves are equal.
     sin: like cos.
 
   Returns:
     x rotated, in x's dtype (the rotation itself runs in fp32).
   """
   rot = cos.shape[-1]
-  cos, sin = cos[..., None, :], sin[..., None, :]
-  x32 = x.astype(jnp.float32)
-  x_rot = x32[..., :rot] * cos + rotate_half(x32[..., :rot]) * sin
+  half = rot // 2
+  c, s = cos[..., None, :half], sin[..., None, :half]
+  x1 = x[..., :half].astype(jnp.float32)
+  x2 = x[..., half:rot].astype(jnp.float32)
+  parts = [(x1 * c - x2 * s).astype(x.dtype), (x2 * c + x1 * s).astype(x.dtype)]
   if rot < x.shape[-1]:
-    x_rot = jnp.concatenate([x_rot, x32[..., rot:]], axis=-1)
-  return x_rot.astype(x.dtype)
+    parts.append(x[..., rot:])
+  return jnp.concatenate(parts, axis=-1)
 
 
 def inverse_frequencies(dim: int, theta: float) -> np.ndarray:
@@ -99,7 +102,7 @@ def text_position_ids(batch: int, length: int) -> jax.Array:
 def multimodal_position_ids(input_ids: jax.Array,
                             attention_mask: jax.Array | None,
                             image_grid_thw: jax.Array, *, image_token_id: int,
-                            spatial_merge_size: int) -> jax.Array:
+                            spatial_merge_size: int, xp=jnp) -> jax.Array:
   """3-D positions for text and image tokens, as transformers computes them.
 
   Text tokens count up by one on all three axes. An image whose merged grid is
@@ -107,7 +110,8 @@ def multimodal_position_ids(input_ids: jax.Array,
   p + wi) in raster order, and the text after it continues at p + max(h, w).
   Padding positions get 0. Images are matched to `image_grid_thw` rows in the
   order their tokens appear, row by row through the batch. Everything here is
-  traceable: `image_grid_thw` may be a traced array.
+  traceable: `image_grid_thw` may be a traced array. With `xp=np` it runs in
+  NumPy instead (the input pipeline computes positions on the host).
 
   Args:
     input_ids: [B, L] int.
@@ -115,35 +119,37 @@ def multimodal_position_ids(input_ids: jax.Array,
     image_grid_thw: [num_images, 3] patch grid of each image.
     image_token_id: the `<|image_pad|>` token id.
     spatial_merge_size: patches merged per side into one token.
+    xp: the array module, jax.numpy or numpy.
 
   Returns:
     [3, B, L] int32.
   """
-  valid = (jnp.ones(input_ids.shape, bool) if attention_mask is None
-           else attention_mask.astype(bool))
-  thw = jnp.asarray(image_grid_thw, jnp.int32)
+  input_ids = xp.asarray(input_ids)
+  valid = (xp.ones(input_ids.shape, bool) if attention_mask is None
+           else xp.asarray(attention_mask).astype(bool))
+  thw = xp.asarray(image_grid_thw, xp.int32).reshape(-1, 3)
   gt = thw[:, 0]
   gh = thw[:, 1] // spatial_merge_size
   gw = thw[:, 2] // spatial_merge_size
   counts = gt * gh * gw
-  ends = jnp.cumsum(counts)
-  span = jnp.maximum(gh, gw)
+  ends = xp.cumsum(counts)
+  span = xp.maximum(gh, gw)
 
   is_img = (input_ids == image_token_id) & valid
-  flat = is_img.reshape(-1).astype(jnp.int32)
-  rank = (jnp.cumsum(flat) - 1).reshape(input_ids.shape)
-  k = jnp.clip(jnp.searchsorted(ends, rank, side="right"), 0, thw.shape[0] - 1)
+  flat = is_img.reshape(-1).astype(xp.int32)
+  rank = (xp.cumsum(flat) - 1).reshape(input_ids.shape)
+  k = xp.clip(xp.searchsorted(ends, rank, side="right"), 0, thw.shape[0] - 1)
   o = rank - (ends[k] - counts[k])
   hk, wk = gh[k], gw[k]
   ti, hi, wi = o // (hk * wk), (o // wk) % hk, o % wk
 
   # Each text token advances the position by one, each image by its span.
   first = is_img & (o == 0)
-  adv = jnp.where(is_img, jnp.where(first, span[k], 0), valid.astype(jnp.int32))
-  before = jnp.cumsum(adv, axis=1) - adv
-  base = jnp.where(is_img & ~first, before - span[k], before)
-  t = jnp.where(is_img, base + ti, base)
-  h = jnp.where(is_img, base + hi, base)
-  w = jnp.where(is_img, base + wi, base)
-  pos = jnp.stack([t, h, w]).astype(jnp.int32)
-  return jnp.where(valid[None], pos, 0)
+  adv = xp.where(is_img, xp.where(first, span[k], 0), valid.astype(xp.int32))
+  before = xp.cumsum(adv, axis=1) - adv
+  base = xp.where(is_img & ~first, before - span[k], before)
+  t = xp.where(is_img, base + ti, base)
+  h = xp.where(is_img, base + hi, base)
+  w = xp.where(is_img, base + wi, base)
+  pos = xp.stack([t, h, w]).astype(xp.int32)
+  return xp.where(valid[None], pos, 0)

@@ -20,8 +20,10 @@ from flax import nnx
 
 from procir_jax.models.qwen3_5 import rope
 from procir_jax.models.qwen3_5.config import Qwen3_5VisionConfig
-from procir_jax.models.qwen3_5.layers import (LayerNorm, activation,
-                                              dot_attention, linear)
+from procir_jax.models.qwen3_5.layer_stack import run_layers
+from procir_jax.models.qwen3_5.layers import (LayerNorm, activation, attention,
+                                              linear)
+from procir_jax.models.qwen3_5.options import ModelOptions
 
 
 @dataclasses.dataclass
@@ -30,9 +32,10 @@ class VisionLayout:
 
   Attention runs over `num_segments` rows of `max_len` slots. `gather` picks
   each slot's patch (None: the patches already form those rows, in order),
-  `key_valid` marks real slots (None: all are), `segment` gives each slot's
-  frame id when one row holds several frames (None: one frame per row), and
-  `scatter` brings slot outputs back to patch order (None: reshape suffices).
+  `kv_lengths` counts each row's real slots, which come first (None: all are
+  real), `segment` gives each slot's frame id when one row holds several frames
+  (None: one frame per row), and `scatter` brings slot outputs back to patch
+  order (None: reshape suffices).
   """
 
   interp_index: Any  # [N, 4] rows of the learned position table
@@ -42,7 +45,7 @@ class VisionLayout:
   num_segments: int
   max_len: int
   gather: Any = None
-  key_valid: Any = None
+  kv_lengths: Any = None
   segment: Any = None
   scatter: Any = None
 
@@ -166,9 +169,9 @@ def _padded_segments(xp, seg_start, seg_len, max_len, num_patches, seg, pos):
   """Index arrays that lay each segment out in its own zero-padded row."""
   j = xp.arange(max_len)
   gather = xp.clip(seg_start[:, None] + j, 0, num_patches - 1)
-  key_valid = j < seg_len[:, None]
   scatter = seg * max_len + pos
-  return dict(gather=gather.astype(np.int32), key_valid=key_valid,
+  return dict(gather=gather.astype(np.int32),
+              kv_lengths=xp.maximum(seg_len, 1).astype(np.int32),
               scatter=scatter.astype(np.int32))
 
 
@@ -176,7 +179,8 @@ class VisionAttention(nnx.Module):
   """Bidirectional attention within each image, with 2-D rotary."""
 
   def __init__(self, cfg: Qwen3_5VisionConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
+    self.options = options
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype,
@@ -197,14 +201,10 @@ class VisionAttention(nnx.Module):
         return a.reshape(s, length, *a.shape[1:])
       return jnp.take(a, jnp.asarray(layout.gather), axis=0)
 
-    mask = None
-    if layout.key_valid is not None:
-      mask = jnp.asarray(layout.key_valid)[:, None, None, :]
-    elif layout.segment is not None:
-      seg = jnp.asarray(layout.segment)
-      mask = (seg[:, :, None] == seg[:, None, :])[:, None]
-    out = dot_attention(rows(q), rows(k), rows(v), mask,
-                        1.0 / math.sqrt(self.head_dim))
+    out = attention(rows(q), rows(k), rows(v), scale=1.0 / math.sqrt(self.head_dim),
+                    kv_lengths=layout.kv_lengths, segment_ids=layout.segment,
+                    impl=self.options.attention,
+                    interpret=self.options.interpret_kernels)
     out = out.reshape(s * length, -1)
     if layout.scatter is not None:
       out = jnp.take(out, jnp.asarray(layout.scatter), axis=0)
@@ -228,11 +228,11 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
 
   def __init__(self, cfg: Qwen3_5VisionConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = LayerNorm(cfg.hidden_size, 1e-6, param_dtype=param_dtype)
     self.norm2 = LayerNorm(cfg.hidden_size, 1e-6, param_dtype=param_dtype)
-    self.attn = VisionAttention(cfg, **kw)
+    self.attn = VisionAttention(cfg, options=options, **kw)
     self.mlp = VisionMLP(cfg, **kw)
 
   def __call__(self, x, cos, sin, layout):
@@ -261,9 +261,10 @@ class VisionModel(nnx.Module):
   """pixel_values [N, patch_dim] -> merged image tokens [N / merge**2, out]."""
 
   def __init__(self, cfg: Qwen3_5VisionConfig, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.config = cfg
     self.dtype = dtype
+    self.options = options
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # The Conv3d with stride == kernel is a matmul over flattened patches.
     self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, use_bias=True,
@@ -272,11 +273,37 @@ class VisionModel(nnx.Module):
         cfg.num_position_embeddings, cfg.hidden_size, param_dtype=param_dtype,
         embedding_init=jax.nn.initializers.normal(cfg.initializer_range),
         rngs=rngs)
-    self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+    self.blocks = nnx.List([VisionBlock(cfg, options=options, **kw)
+                            for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, **kw)
 
   def __call__(self, pixel_values: jax.Array, layout: VisionLayout):
-    x = self.patch_embed(pixel_values.astype(self.dtype))
+    """pixel_values [N, patch_dim] as the image processor returns them."""
+    return self.encode_embedded(self.patch_embed(pixel_values.astype(self.dtype)),
+                                layout)
+
+  def embed_still_patches(self, pixels: jax.Array) -> jax.Array:
+    """Patch embeddings [N, hidden] of still-image patches [N, C * patch * patch].
+
+    `pixels` are the normalised values of one frame (fp32), channel-major like the
+    processor's patches but without the temporal repeat: the processor repeats a
+    still frame `temporal_patch_size` times, so the patch embedding of the repeat
+    is the embedding of the frame under the kernel summed over its temporal taps.
+    That halves the patch embedding's bytes and FLOPs and is exact up to rounding.
+    """
+    cfg = self.config
+    kernel = self.patch_embed.kernel[...].astype(jnp.float32)
+    kernel = kernel.reshape(cfg.in_channels, cfg.temporal_patch_size,
+                            cfg.patch_size ** 2, cfg.hidden_size).sum(axis=1)
+    kernel = kernel.reshape(-1, cfg.hidden_size).astype(self.dtype)
+    x = jnp.dot(pixels.astype(self.dtype), kernel,
+                preferred_element_type=jnp.float32)
+    if self.patch_embed.bias is not None:
+      x = x + self.patch_embed.bias[...].astype(jnp.float32)
+    return x.astype(self.dtype)
+
+  def encode_embedded(self, x: jax.Array, layout: VisionLayout):
+    """The tower after the patch embedding: [N, hidden] -> merged image tokens."""
     table = self.pos_embed.embedding[...]
     pos = jnp.take(table, jnp.asarray(layout.interp_index), axis=0)
     pos = jnp.sum(pos * jnp.asarray(layout.interp_weight)[..., None].astype(
@@ -286,6 +313,6 @@ class VisionModel(nnx.Module):
                                        jnp.asarray(layout.cols),
                                        self.config.head_dim,
                                        self.config.rope_theta)
-    for block in self.blocks:
-      x = block(x, cos, sin, layout)
+    x = run_layers(list(self.blocks), x,
+                   lambda block, x: block(x, cos, sin, layout), self.options)
     return self.merger(x)
