@@ -24,6 +24,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tiny_preset = "small"
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay fp32)
   c.model.checkpoint = ""  # a ProCIR checkpoint dir (orbax) to start from / evaluate
+  # How the model runs (procir_jax/models/qwen3_5/options.py): attention kernel
+  # auto | reference | xla | flash; delta rule auto | chunked | recurrent | pallas;
+  # remat none | full | save_dots per decoder layer and vision block; scan_layers
+  # compiles one period of layers instead of all of them. "auto" picks the Pallas
+  # kernels on TPU and the XLA paths elsewhere.
+  c.model.attention = "auto"
+  c.model.delta_rule = "auto"
+  c.model.remat = "none"
+  c.model.scan_layers = False
+  c.model.interpret_kernels = False  # Pallas kernels interpreted: TPU kernels on CPU
 
   c.data = ml_collections.ConfigDict()
   c.data.manual_dir = ""  # the FashionMV release; empty: synthetic in the workdir
@@ -53,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
       steps=300, lr=1e-3, warmup_steps=30, final_lr_fraction=0.05,
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, grad_accum=1,
       freeze=(), log_every=10, eval_every=0, checkpoint_every=100, max_to_keep=2,
-      skip_nonfinite=False))
+      skip_nonfinite=False,
+      # "A,B": trace steps A to B with jax.profiler into <workdir>/profile/<stage>/.
+      profile_steps=""))
 
   c.sft = ml_collections.ConfigDict(dict(steps=20, lr=1e-3, warmup_steps=5))
 

@@ -29,6 +29,15 @@ JAX discovers the slice's hosts by itself on Cloud TPU; elsewhere set
 (`tfds build ...`, see README) when many hosts share `data.data_dir`. Expect the
 released checkpoint's numbers (R@10: DeepFashion 95.1, Fashion200K 86.6,
 FashionGen-val 85.3) only after the full schedule.
+
+Memory: `model.remat="full"` keeps only each layer's input for the backward pass, so
+global_batch_size=128 fits on 16 v5e chips (8 triplets each) as well as on 4 v5p chips.
+On v5p, `--config.model.remat=none` fits 32 triplets per chip and runs the step with
+about a fifth fewer FLOPs and bytes. Check any change of batch, views or chip before
+renting it (README, "Will it fit?"):
+
+  python bench/tpu_compile.py --config=configs/procir_0_8b.py --topology=v5p:2x2x1 \
+      --per_chip_batch=32 --config.model.remat=none
 """
 
 from configs import base
@@ -39,6 +48,7 @@ def get_config():
   c.model.tiny_preset = ""  # no stand-in model: model.hf_dir is required
   c.data.use_synthetic = False
   c.model.dtype = "bfloat16"
+  c.model.remat = "full"
   c.data.global_batch_size = 128
   c.data.eval_batch_size = 256
   c.data.worker_count = 8

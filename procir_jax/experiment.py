@@ -18,10 +18,11 @@ from procir_jax import tiny_model
 from procir_jax.data import bucketing, examples, pipeline
 from procir_jax.data import tokenizer as tok
 from procir_jax.eval import encode as encode_lib
-from procir_jax.models.qwen3_5 import grow_vocab, load_pretrained
+from procir_jax.data.image_processing import ImageProcessor
+from procir_jax.models.qwen3_5 import ModelOptions, grow_vocab, load_pretrained
 from procir_jax.train import checkpoint as ckpt_lib
 from procir_jax.train import loop as loop_lib
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 from procir_jax.train import optimizer as opt_lib
 from procir_jax.train import step as step_lib
 
@@ -78,8 +79,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Paths:
   return Paths(workdir, data_dir, model_dir)
 
 
-def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = None
-                ) -> pipeline.DataConfig:
+def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> pipeline.DataConfig:
+  """The pipeline's settings for batches that `mesh` will split (None: one device)."""
   p = config.procir
   return pipeline.DataConfig(
       data_dir=paths.data_dir, model_dir=paths.model_dir, global_batch_size=batch_size,
@@ -90,20 +92,32 @@ def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = Non
                                 max_images=config.data.max_views),
       options=examples.ExampleOptions(
           two_stage=p.two_stage, align=p.align, cot=p.cot if cot is None else cot,
-          query_text=config.data.query_text, max_views=config.data.max_views))
+          query_text=config.data.query_text, max_views=config.data.max_views),
+      image_groups=sharding.local_batch_shards(mesh) if mesh is not None else 1)
 
 
-def load_model(config, paths: Paths) -> procir_lib.ProCIR:
+def model_options(config, mesh: jax.sharding.Mesh) -> ModelOptions:
+  """The model's execution options, "auto" resolved for the mesh's devices."""
+  return ModelOptions(attention=config.model.attention,
+                      delta_rule=config.model.delta_rule, remat=config.model.remat,
+                      scan_layers=config.model.scan_layers,
+                      interpret_kernels=config.model.interpret_kernels).for_platform(
+                          mesh.devices.flat[0].platform)
+
+
+def load_model(config, paths: Paths, mesh: jax.sharding.Mesh) -> procir_lib.ProCIR:
   """The Qwen3.5 model (vocabulary grown for <emb_all> if needed) with ProCIR's head."""
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
-  model = load_pretrained(paths.model_dir, dtype=dtype)
+  model = load_pretrained(paths.model_dir, dtype=dtype,
+                          options=model_options(config, mesh))
   tokenizer = tok.load_tokenizer(paths.model_dir)
   missing = len(tokenizer) - model.config.text.vocab_size
   if missing > 0:
     logging.info("Growing the vocabulary by %d token(s) for %s.", missing,
                  tok.EMB_TOKEN)
     grow_vocab(model, missing)
-  return procir_lib.ProCIR(model, config.loss.temperature)
+  processor = ImageProcessor.from_pretrained(paths.model_dir)
+  return procir_lib.ProCIR(model, config.loss.temperature, processor.pixel_norm)
 
 
 def loss_config(config) -> procir_lib.LossConfig:
@@ -113,7 +127,8 @@ def loss_config(config) -> procir_lib.LossConfig:
 def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
                  train_cfg, name: str, validate=None) -> tuple[Any, step_lib.Trainer]:
   data_mode = "sft" if mode == "sft" else "contrastive"
-  dcfg = data_config(config, paths, batch_size=config.data.global_batch_size)
+  dcfg = data_config(config, paths, batch_size=config.data.global_batch_size,
+                     mesh=mesh)
   records = pipeline.records_for(data_mode, dcfg, "train")
   loader = pipeline.make_loader(data_mode, dcfg, records, train=True)
   trainer = step_lib.Trainer(
@@ -128,7 +143,10 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
       loop_lib.LoopConfig(steps=steps, log_every=config.train.log_every,
                           eval_every=config.train.eval_every if validate else 0,
                           checkpoint_every=config.train.checkpoint_every,
-                          skip_nonfinite=config.train.skip_nonfinite),
+                          skip_nonfinite=config.train.skip_nonfinite,
+                          profile_steps=loop_lib.parse_profile_steps(
+                              train_cfg.get("profile_steps", "")),
+                          profile_dir=str(paths.workdir / "profile" / name)),
       workdir=str(paths.workdir / "metrics" / name), config_dict=config.to_dict(),
       validate=validate, global_batch_size=config.data.global_batch_size)
   checkpointer.close()
@@ -144,8 +162,8 @@ def stage_config(config, section: str):
 
 def run_train(config, workdir: str) -> dict[str, float]:
   paths = prepare(config, workdir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  procir = load_model(config, paths)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  procir = load_model(config, paths, mesh)
   if config.procir.sft:
     state, trainer = _train_stage(config, paths, procir, mesh, mode="sft",
                                   steps=config.sft.steps,
@@ -172,7 +190,8 @@ def evaluate(config, paths: Paths, graphdef, params, mesh,
   """The released protocol on the validation split: results.json, table, npz."""
   from procir_jax.eval import recall, report
 
-  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
+                     mesh=mesh)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split,
                                           sources or config.eval.sources, encoder)
@@ -194,8 +213,8 @@ def evaluate(config, paths: Paths, graphdef, params, mesh,
 def run_sft(config, workdir: str) -> None:
   """Only the SFT stage (captioning from views); `train` starts from its result."""
   paths = prepare(config, workdir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  _train_stage(config, paths, load_model(config, paths), mesh, mode="sft",
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  _train_stage(config, paths, load_model(config, paths, mesh), mesh, mode="sft",
                steps=config.sft.steps, train_cfg=stage_config(config, "sft"),
                name="sft")
 
@@ -208,8 +227,8 @@ def load_trained(config, workdir: str):
   """
 
   paths = prepare(config, workdir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  procir = load_model(config, paths)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  procir = load_model(config, paths, mesh)
   graphdef, params = nnx.split(procir, nnx.Param)
   directory = config.model.checkpoint or str(paths.workdir / "checkpoints" /
                                              "contrastive")
@@ -239,7 +258,8 @@ def run_embed(config, workdir: str) -> None:
   from procir_jax.eval import report
 
   paths, mesh, graphdef, params = load_trained(config, workdir)
-  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
+                     mesh=mesh)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split, config.eval.sources)
   if jax.process_index() == 0:

@@ -1,6 +1,7 @@
 """Training: objectives of every ablation setting, sharding, resume, preemption,
 non-finite losses, checkpoints across meshes."""
 
+import json
 import os
 import signal
 
@@ -15,7 +16,7 @@ from procir_jax import experiment, tiny_model
 from procir_jax.data import pipeline
 from procir_jax.train import checkpoint as ckpt_lib
 from procir_jax.train import loop as loop_lib
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 from procir_jax.train import optimizer as opt_lib
 from procir_jax.train import step as step_lib
 
@@ -46,7 +47,7 @@ def pathlib_path(p):
 
 
 def _trainer(c, paths, mesh, mode="contrastive"):
-  procir = experiment.load_model(c, paths)
+  procir = experiment.load_model(c, paths, mesh)
   params = nnx.state(procir, nnx.Param)
   cfg = c.train if mode == "contrastive" else experiment.stage_config(c, "sft")
   return step_lib.Trainer(procir, opt_lib.make_optimizer(cfg, params), mesh,
@@ -54,8 +55,9 @@ def _trainer(c, paths, mesh, mode="contrastive"):
                           skip_nonfinite=c.train.skip_nonfinite)
 
 
-def _batches(c, paths, mode="contrastive", n=2):
-  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size)
+def _batches(c, paths, mesh, mode="contrastive", n=2):
+  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size,
+                                mesh=mesh)
   loader = pipeline.make_loader(mode, dcfg, pipeline.records_for(mode, dcfg, "train"),
                                 train=True)
   it = iter(loader)
@@ -64,8 +66,8 @@ def _batches(c, paths, mode="contrastive", n=2):
 
 def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
                                               test_model_dir):
-  mesh = mesh_lib.make_mesh({"data": -1})
-  sharding_for = mesh_lib.batch_sharding(mesh)
+  mesh = sharding.make_mesh({"data": -1})
+  sharding_for = sharding.batch_sharding(mesh)
   settings = ablation.all_settings()
   assert len(settings) == 16 and len(set(settings)) == 16
   trainers = {}  # settings that differ only in `sft` share the contrastive program
@@ -79,7 +81,7 @@ def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
       if program not in trainers:
         trainers[program] = _trainer(c, paths, mesh, mode)
       trainer = trainers[program]
-      batch = _batches(c, paths, mode, 1)[0]
+      batch = _batches(c, paths, mesh, mode, 1)[0]
       state, metrics = trainer.step(trainer.init_state(),
                                     pipeline.to_global(batch, sharding_for))
       metrics = jax.device_get(metrics)
@@ -91,16 +93,18 @@ def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
       assert int(state.step) == 1
 
 
-def _run(c, paths, mesh, steps, workdir, state=None):
+def _run(c, paths, mesh, steps, workdir, state=None, **loop):
   trainer = _trainer(c, paths, mesh)
-  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size)
+  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size,
+                                mesh=mesh)
   loader = pipeline.make_loader("contrastive", dcfg,
                                 pipeline.records_for("contrastive", dcfg, "train"),
                                 train=True)
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "ckpt"))
   state = loop_lib.train(trainer, loader, checkpointer,
                          loop_lib.LoopConfig(steps=steps, log_every=1,
-                                             skip_nonfinite=c.train.skip_nonfinite),
+                                             skip_nonfinite=c.train.skip_nonfinite,
+                                             **loop),
                          workdir=str(workdir / "metrics"), config_dict=c.to_dict(),
                          global_batch_size=c.data.global_batch_size)
   checkpointer.close()
@@ -110,7 +114,7 @@ def _run(c, paths, mesh, steps, workdir, state=None):
 def test_resume_is_bitwise_exact(tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir, steps=4)
   paths = _paths(tmp_path, c)
-  mesh = mesh_lib.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1})
   _, straight = _run(c, paths, mesh, 4, tmp_path / "straight")
   _run(c, paths, mesh, 2, tmp_path / "resumed")
   _, resumed = _run(c, paths, mesh, 4, tmp_path / "resumed")
@@ -124,28 +128,48 @@ def test_one_device_and_eight_devices_agree(tmp_path, fashionmv_data_dir,
   c = _config(fashionmv_data_dir, test_model_dir)
   paths = _paths(tmp_path, c)
   losses = []
-  batches = _batches(c, paths, n=2)
-  for mesh in (mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]),
-               mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+  for mesh in (sharding.make_mesh({"data": 1}, jax.devices()[:1]),
+               sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
     trainer = _trainer(c, paths, mesh)
     state = trainer.init_state()
     run = []
-    for batch in batches:
+    # The same examples; images packed in one group per batch shard of the mesh.
+    for batch in _batches(c, paths, mesh, n=2):
       state, metrics = trainer.step(
-          state, pipeline.to_global(batch, mesh_lib.batch_sharding(mesh)))
+          state, pipeline.to_global(batch, sharding.batch_sharding(mesh)))
       run.append(float(metrics["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+
+
+def test_kernels_run_per_shard_under_the_mesh(tmp_path, fashionmv_data_dir,
+                                             test_model_dir):
+  """The Pallas attention kernel (interpreted on CPU) runs on each device's rows
+  and heads through shard_map, and the step equals the XLA attention step."""
+  c = _config(fashionmv_data_dir, test_model_dir)
+  paths = _paths(tmp_path, c)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  batch = pipeline.to_global(_batches(c, paths, mesh, n=1)[0],
+                             sharding.batch_sharding(mesh))
+  losses = []
+  for attention, interpret in (("xla", False), ("flash", True)):
+    c.model.attention, c.model.interpret_kernels = attention, interpret
+    trainer = _trainer(c, paths, mesh)
+    jaxpr = str(jax.make_jaxpr(trainer._train_step)(trainer.abstract_state(), batch))
+    assert ("shard_map" in jaxpr) == (attention == "flash")
+    _, metrics = trainer.step(trainer.init_state(), batch)
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
 
 
 def test_checkpoint_restores_onto_another_mesh_and_skips_partial_ones(
     tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
   paths = _paths(tmp_path, c)
-  trainer, state = _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path)
+  trainer, state = _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path)
   # A save that died half-way leaves a temporary directory behind.
   (tmp_path / "ckpt" / "7.orbax-checkpoint-tmp-123").mkdir()
-  other = _trainer(c, paths, mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  other = _trainer(c, paths, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
   assert checkpointer.latest_step() == 2
   step, restored = checkpointer.restore(None, other.abstract_state().as_dict())
@@ -161,9 +185,9 @@ def test_checkpoint_restores_onto_another_mesh_and_skips_partial_ones(
 def test_sigterm_saves_and_stops(tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
   paths = _paths(tmp_path, c)
-  mesh = mesh_lib.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1})
   trainer = _trainer(c, paths, mesh)
-  dcfg = experiment.data_config(c, paths, batch_size=8)
+  dcfg = experiment.data_config(c, paths, batch_size=8, mesh=mesh)
   loader = pipeline.make_loader("contrastive", dcfg,
                                 pipeline.records_for("contrastive", dcfg, "train"),
                                 train=True)
@@ -193,9 +217,39 @@ def test_nonfinite_loss_names_step_and_term_or_is_skipped(tmp_path, fashionmv_da
   c.loss.learn_temperature = False
   paths = _paths(tmp_path, c)
   with pytest.raises(FloatingPointError, match=r"Non-finite .*retrieval.* at step 1"):
-    _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path / "a")
+    _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path / "a")
   c.train.skip_nonfinite = True
-  trainer, state = _run(c, paths, mesh_lib.make_mesh({"data": -1}), 2, tmp_path / "b")
+  trainer, state = _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path / "b")
   initial = trainer.init_state()
   for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing applied
+
+
+def test_profile_steps_trace_exactly_those_steps(tmp_path, fashionmv_data_dir,
+                                                 test_model_dir):
+  c = _config(fashionmv_data_dir, test_model_dir, steps=3)
+  paths = _paths(tmp_path, c)
+  profile = tmp_path / "profile"
+  _run(c, paths, sharding.make_mesh({"data": -1}), 3, tmp_path / "run",
+       profile_steps=loop_lib.parse_profile_steps("2,3"), profile_dir=str(profile))
+  traces = list(profile.rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  perfetto = list(profile.rglob("*.trace.json.gz"))
+  assert len(perfetto) == 1
+  # Each traced step is annotated with its number: steps 2 and 3, not 1.
+  import gzip
+  events = json.loads(gzip.decompress(perfetto[0].read_bytes()))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  steps = {str(e.get("args", {}).get("step_num")) for e in events
+           if e.get("name") == "train"}
+  assert {"2", "3"} <= steps and "1" not in steps, steps
+
+
+def test_profile_steps_are_checked():
+  assert loop_lib.parse_profile_steps("") is None
+  assert loop_lib.parse_profile_steps("5,8") == (5, 8)
+  assert loop_lib.parse_profile_steps("(5, 8)") == (5, 8)
+  assert loop_lib.parse_profile_steps("7") == (7, 7)
+  for bad in ("8,5", "0,2", "a,b", "1,2,3"):
+    with pytest.raises(ValueError, match="profile_steps"):
+      loop_lib.parse_profile_steps(bad)

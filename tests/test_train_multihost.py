@@ -13,7 +13,7 @@ import numpy as np
 
 from procir_jax import tiny_model
 from procir_jax.data import pipeline
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 
 _SCRIPT = """
 import json, pickle, sys
@@ -24,19 +24,19 @@ jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv
 sys.path.insert(0, sys.argv[6])
 from tests import test_train as t
 from procir_jax.data import pipeline
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 c = t._config(sys.argv[3], sys.argv[4])
 paths = t._paths(sys.argv[5], c)
-mesh = mesh_lib.make_mesh({"data": -1})
+mesh = sharding.make_mesh({"data": -1})
 trainer = t._trainer(c, paths, mesh)
 state = trainer.init_state()
 losses = []
-batches = t._batches(c, paths, n=2)
+batches = t._batches(c, paths, mesh, n=2)
 pickle.dump([pipeline.agree_on_shapes(b) for b in batches],
             open(sys.argv[5] + f"/batches{sys.argv[2]}.pkl", "wb"))
 for batch in batches:
   state, metrics = trainer.step(state, pipeline.to_global(
-      batch, mesh_lib.batch_sharding(mesh)))
+      batch, sharding.batch_sharding(mesh)))
   losses.append(float(metrics["loss"]))
 json.dump({"devices": jax.device_count(), "losses": losses},
           open(sys.argv[5] + f"/out{sys.argv[2]}.json", "w"))
@@ -70,13 +70,13 @@ def test_two_processes_train_like_one(tmp_path, fashionmv_data_dir):
   assert not set(local[0][0]["index"]) & set(local[1][0]["index"])  # disjoint shards
   c = t._config(str(fashionmv_data_dir), str(model_dir))
   paths = t._paths(tmp_path, c)
-  mesh = mesh_lib.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1})
   trainer = t._trainer(c, paths, mesh)
   state, losses = trainer.init_state(), []
   for a, b in zip(*local):
     batch = jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b)
     state, metrics = trainer.step(state, pipeline.to_global(
-        batch, mesh_lib.batch_sharding(mesh)))
+        batch, sharding.batch_sharding(mesh)))
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(results[0]["losses"], losses, rtol=2e-4)
   assert jax.device_count() == 8

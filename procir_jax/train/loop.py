@@ -15,7 +15,7 @@ import numpy as np
 
 from procir_jax.data import pipeline
 from procir_jax.train import checkpoint as ckpt_lib
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 from procir_jax.train import step as step_lib
 
 
@@ -47,6 +47,63 @@ class LoopConfig:
   eval_every: int = 0  # 0: no validation during training
   checkpoint_every: int = 100
   skip_nonfinite: bool = False
+  # (first, last) step to trace with jax.profiler into profile_dir, or None.
+  profile_steps: tuple[int, int] | None = None
+  profile_dir: str = ""
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """"A,B" (steps A to B, inclusive; "A" alone: one step) -> (A, B); "" -> None."""
+  text = str(text).strip().strip("()[]")
+  if not text:
+    return None
+  try:
+    parts = [int(p) for p in text.replace(" ", "").split(",") if p]
+  except ValueError:
+    parts = []
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+    raise ValueError(f"train.profile_steps must be 'A,B' with 1 <= A <= B (steps A to "
+                     f"B are traced), got {text!r}.")
+  return parts[0], parts[1]
+
+
+class StepProfiler:
+  """Traces steps A..B with jax.profiler (TensorBoard's profile tab, or Perfetto).
+
+  The trace starts before step A runs and stops once step B's results are ready, so
+  it holds exactly those steps (and the host work between them); each step is
+  annotated with its number.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, directory: str):
+    self.steps, self.directory, self.active = steps, directory, False
+
+  def before(self, step: int) -> None:
+    """Called before running `step` (1-based)."""
+    if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
+      # The xplane file is TensorBoard's; the .trace.json.gz beside it, Perfetto's.
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.active = True
+
+  def annotate(self, step: int):
+    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+  def after(self, step: int, outputs) -> None:
+    if self.active and step >= self.steps[1]:
+      self.stop(outputs)
+
+  def stop(self, outputs=None) -> None:
+    if not self.active:
+      return
+    if outputs is not None:
+      jax.block_until_ready(outputs)
+    jax.profiler.stop_trace()
+    self.active = False
+    logging.info("Wrote a profile of steps %d-%d to %s (open it with `tensorboard "
+                 "--logdir %s`, or the .trace.json.gz in ui.perfetto.dev).",
+                 self.steps[0], self.steps[1], self.directory, self.directory)
 
 
 class TrainingStopped(RuntimeError):
@@ -72,7 +129,7 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
           ) -> step_lib.TrainState:
   """Trains to `cfg.steps`, resuming from the latest checkpoint when there is one."""
   mesh = trainer.mesh
-  sharding_for = mesh_lib.batch_sharding(mesh)
+  sharding_for = sharding.batch_sharding(mesh)
   iterator = iter(loader)
   if checkpointer.latest_step() is not None:
     start_step, restored = checkpointer.restore(
@@ -87,12 +144,16 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
   skip_counter: dict[str, int] = {}
   examples = global_batch_size
   start, step, last = time.perf_counter(), start_step, {}
+  profiler = StepProfiler(cfg.profile_steps, cfg.profile_dir)
   with Preemption() as preemption:
     while step < cfg.steps:
       batch = next(iterator)
       pipeline.log_skips(batch, skip_counter)
-      state, metrics = trainer.step(state, pipeline.to_global(batch, sharding_for))
+      profiler.before(step + 1)
+      with profiler.annotate(step + 1):
+        state, metrics = trainer.step(state, pipeline.to_global(batch, sharding_for))
       step += 1
+      profiler.after(step, (state, metrics))
       if not cfg.skip_nonfinite or step % cfg.log_every == 0 or step == cfg.steps:
         metrics = jax.device_get(metrics)
         bad = step_lib.nonfinite_terms(metrics)
@@ -121,10 +182,12 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
         checkpointer.save(step, state.as_dict(), iterator, config_dict, metrics=val,
                           force=True)
       if preemption.requested:
+        profiler.stop()
         checkpointer.wait()
         writer.flush()
         raise TrainingStopped(f"Preempted (SIGTERM) at step {step}; the checkpoint "
                               f"in {checkpointer.directory} resumes from here.")
+  profiler.stop(state)
   checkpointer.wait()
   writer.flush()
   return state

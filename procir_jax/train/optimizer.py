@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from procir_jax.train.mesh import path_string
+from procir_jax.sharding import path_string
 
 FROZEN_PATTERNS = {
     "vision": r"(^|/)visual/",

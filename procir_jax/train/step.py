@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from procir_jax import procir as procir_lib
-from procir_jax.train import mesh as mesh_lib
+from procir_jax import sharding
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class Trainer:
     self.mode, self.cot, self.skip_nonfinite = mode, cot, skip_nonfinite
     self._abstract = jax.eval_shape(
         lambda p: TrainState(p, tx.init(p), jnp.int32(0)), params)
-    self.shardings = mesh_lib.tree_shardings(self._abstract, mesh)
+    self.shardings = sharding.tree_shardings(self._abstract, mesh)
     self._initial_params = params
     self._step = jax.jit(self._train_step, donate_argnums=0)
 
@@ -77,7 +77,8 @@ class Trainer:
       terms = self.losses(params, batch)
       return procir_lib.total_loss(terms, self.loss_cfg), terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    with sharding.mesh_context(self.mesh):
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -93,6 +94,12 @@ class Trainer:
 
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     return self._step(state, batch)
+
+  def lower(self, batch) -> jax.stages.Lowered:
+    """The step lowered for the abstract state and a batch (arrays or
+    ShapeDtypeStructs with shardings): `.compile()` it ahead of time, e.g. for
+    devices this host does not have, and read its memory and cost analyses."""
+    return self._step.trace(self.abstract_state(), batch).lower()
 
 
 def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str]:

@@ -1,15 +1,20 @@
-"""The device mesh and the one table that maps parameters to mesh axes.
+"""The device mesh, and the one place that maps parameters and activations to its axes.
 
 Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer
-state sharded), `tensor` (weights split within a layer). Batches are split over
-(data, fsdp). Parameters follow `PARAM_RULES`: the first rule whose pattern matches a
-parameter's path gives its PartitionSpec; layers never mention sharding.
+state sharded), `tensor` (weights split within a layer). Batches, and so every
+activation's batch axis, are split over BATCH_AXES = (data, fsdp); attention heads over
+HEAD_AXIS when it divides them. Parameters follow `PARAM_RULES`: the first rule whose
+pattern matches a parameter's path gives its PartitionSpec. Layers never mention
+sharding; the few kernels XLA cannot partition (Pallas calls) run per shard through
+`per_shard`, with specs made from these names.
+
+Training, evaluation, the benchmarks and the planning tool all use this module.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -17,6 +22,7 @@ import numpy as np
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 
 # (path regex, spec). Paths look like "model/language_model/layers/3/mlp/up_proj/kernel".
 # Kernels are (in, out): column-parallel layers split `out` over tensor, row-parallel
@@ -88,3 +94,67 @@ def batch_sharding(mesh: Mesh):
   def sharding_for(ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
   return sharding_for
+
+
+def local_batch_shards(mesh: Mesh) -> int:
+  """How many batch shards this process's devices hold (its local batch splits into
+  this many pieces, one per device along `data` x `fsdp`)."""
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  return max(1, shards // jax.process_count())
+
+
+def per_shard(fn: Callable[..., Any], *args, head_dims: Sequence[int | None]):
+  """Runs `fn(*args)` on each shard of the jitting code's mesh (see `mesh_context`).
+
+  For kernels XLA cannot partition (Pallas calls): each argument's axis 0 is the
+  batch, split over BATCH_AXES; `head_dims[i]` names argument i's heads axis (or
+  None), split over HEAD_AXIS when it divides every argument's heads. The result is
+  laid out like the first argument. With no mesh context, `fn` runs on the whole
+  arrays.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  batch = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+  heads = HEAD_AXIS if HEAD_AXIS in mesh.shape and mesh.shape[HEAD_AXIS] > 1 else None
+  if heads and any(d is not None and x.shape[d] % mesh.shape[heads]
+                   for x, d in zip(args, head_dims)):
+    heads = None
+
+  def spec(x, head_dim):
+    parts = [batch or None] + [None] * (x.ndim - 1)
+    if head_dim is not None and heads:
+      parts[head_dim] = heads
+    return P(*parts)
+
+  specs = tuple(spec(x, d) for x, d in zip(args, head_dims))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                       check_vma=False)(*args)
+
+
+def mesh_context(mesh: Mesh):
+  """Context for tracing a jitted step on `mesh`, so that `per_shard` sees it."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_batch(x: Any) -> Any:
+  """Keeps activations split over BATCH_AXES along their leading (batch) axis.
+
+  Layers are called between such constraints (the residual stream at every layer
+  boundary): without them XLA may choose to gather a whole global batch of
+  activations onto every device for a weight gradient, rather than reduce the
+  per-device partial gradients. A no-op outside a mesh context (`mesh_context`)
+  and for leading axes the batch shards do not divide.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  batch = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+  shards = int(np.prod([mesh.shape[a] for a in batch])) if batch else 1
+
+  def one(leaf):
+    if shards == 1 or leaf.ndim == 0 or leaf.shape[0] % shards:
+      return leaf
+    return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, P(batch)))
+
+  return jax.tree.map(one, x)
