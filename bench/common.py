@@ -7,6 +7,7 @@ always have the same shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import ml_dtypes
@@ -30,7 +31,7 @@ PRESETS = {
                     num_heads=12, out_hidden_size=1024,
                     num_position_embeddings=2304),
         rope_theta=1e7, mrope_section=[11, 11, 10], tie=True,
-        batch=10, views=4, image_size=256, dtype="bfloat16", iters=20),
+        batch=32, views=4, image_size=256, dtype="bfloat16", iters=20),
     # Small enough for a CPU in CI time.
     "tiny": dict(
         text=dict(vocab_size=248320, hidden_size=128, intermediate_size=256,
@@ -47,6 +48,38 @@ PRESETS = {
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip's public figures."""
+
+  name: str
+  hbm_bytes: float  # HBM capacity
+  peak_bf16: float  # dense bf16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+
+
+# Cloud TPU chips, from Google's published system specifications (cloud.google.com/
+# tpu/docs/system-architecture-tpu-vm and the per-version pages): per chip, HBM
+# capacity, bf16 peak and HBM bandwidth. The compiler keeps a little of the HBM for
+# itself (it reports 95.74 GiB usable on v5p, 15.75 GiB on v5e).
+TPU_CHIPS = {
+    "v4": Chip("TPU v4", 32 * 2**30, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16 * 2**30, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95 * 2**30, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32 * 2**30, 918e12, 1640e9),
+}
+
+
+def tpu_chip(topology: str) -> Chip:
+  """The chip of a topology name such as "v5p:2x2x1" or "v6e:4x4"."""
+  version = topology.split(":")[0].lower()
+  version = {"v5litepod": "v5e", "v6litepod": "v6e"}.get(version, version)
+  if version not in TPU_CHIPS:
+    raise ValueError(f"Unknown TPU version in topology {topology!r}; known: "
+                     f"{sorted(TPU_CHIPS)} (e.g. v5p:2x2x1, v5e:2x2).")
+  return TPU_CHIPS[version]
 
 
 def hf_config(preset, *, token_ids=None, **text_overrides):
@@ -134,3 +167,125 @@ def torch_to_numpy(x):
   if x.dtype == torch.bfloat16:
     return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return x.numpy()
+
+
+def batch_forward_flops(cfg: Qwen3_5Config, batch, names) -> float:
+  """Analytic forward FLOPs of the named sequence kinds of a pipeline batch.
+
+  Real tokens and real image patches only (padding is not work), so every
+  implementation is measured against the same count whatever it pads to.
+  """
+  forward = 0.0
+  for name in names:
+    part = batch[name]
+    forward += decoder_flops(cfg, part["attention_mask"].sum(1))
+    if "image_grid_thw" in part:
+      thw = np.asarray(part["image_grid_thw"]).reshape(-1, 3)
+      forward += vision_flops(cfg, thw[thw.prod(1) > 0])
+  return forward
+
+
+# --- synthetic inputs through the real pipeline --------------------------------------
+
+
+def make_product(index: int, attributes, views: int, image_size: int, rng):
+  """A synthetic product with `views` JPEG views of `image_size` pixels."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  from procir_jax.data import fashionmv  # pylint: disable=g-import-not-at-top
+  from tfds_fashionmv import synthetic  # pylint: disable=g-import-not-at-top
+  encoded = []
+  for view in synthetic.VIEW_NAMES[:views]:
+    image = np.asarray(synthetic.render_view(attributes, view, image_size, rng))
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    encoded.append(data.tobytes())
+  return fashionmv.Product(
+      product_id=str(index), source="fashiongen", views=tuple(encoded),
+      caption_long=synthetic.long_caption(attributes, views),
+      caption_short=synthetic.short_caption(attributes))
+
+
+def make_products(count: int, views: int, image_size: int, seed: int = 0):
+  """`count` synthetic products (SFT and gallery records)."""
+  from tfds_fashionmv import synthetic  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return [make_product(i, synthetic.Attributes(**{
+      k: str(rng.choice(synthetic.CHOICES[k])) for k in synthetic.ATTRIBUTES}),
+                       views, image_size, rng) for i in range(count)]
+
+
+def make_triplets(count: int, views: int, image_size: int, seed: int = 0):
+  """`count` synthetic triplets whose products have `views` JPEG views each."""
+  from procir_jax.data import fashionmv  # pylint: disable=g-import-not-at-top
+  from tfds_fashionmv import synthetic  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  choices = synthetic.CHOICES
+
+  def product(index, attributes):
+    return make_product(index, attributes, views, image_size, rng)
+
+  out = []
+  for i in range(count):
+    a = synthetic.Attributes(**{k: str(rng.choice(choices[k]))
+                                for k in synthetic.ATTRIBUTES})
+    colours = [c for c in choices["colour"] if c != a.colour]
+    b = a.replace(colour=str(rng.choice(colours)),
+                  sleeves=str(rng.choice(choices["sleeves"])))
+    short, long = synthetic.modification_texts(a, b)
+    triplet = fashionmv.Triplet(
+        source="fashiongen", source_id=str(2 * i), target_id=str(2 * i + 1),
+        texts={"modification_text_short": short, "modification_text_long": long},
+        row=i)
+    out.append(fashionmv.JoinedTriplet(triplet, product(2 * i, a),
+                                       product(2 * i + 1, b)))
+  return out
+
+
+def pipeline_batch(config, model_dir: str, mode: str, records, mesh=None):
+  """One batch of `records` through the pipeline's own example and collate steps.
+
+  `config`: an experiment config (its data and procir sections); `model_dir`: the
+  tokenizer and processor settings; `mode`: a pipeline mode; `mesh`: the mesh the
+  batch will be split over (None: one device).
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from procir_jax import experiment  # pylint: disable=g-import-not-at-top
+  from procir_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  paths = experiment.Paths(epath.Path(model_dir), "", model_dir)
+  dcfg = experiment.data_config(config, paths, batch_size=len(records), mesh=mesh)
+  builder, pad_id = pipeline.make_builder(dcfg)
+  make = pipeline.MakeExample(builder, mode, dcfg.buckets, skip_bad=False)
+  items = [make.map((i, record)) for i, record in enumerate(records)]
+  return pipeline.make_collate(mode, dcfg, pad_id, len(records),
+                               patch_dim=3 * builder.processor.patch_size ** 2)(items)
+
+
+def transformers_inputs(part, image_token_id: int, device: str, processor):
+  """One sequence kind of a pipeline batch in transformers' layout.
+
+  Each row's real tokens (the batch cut to its longest row), and, with images, the
+  normalised patches of every real image as one flat array with their grids, in row
+  order (the pipeline's image groups and slots hold them in that order), plus
+  mm_token_type_ids. `processor`: the ImageProcessor whose `normalize` finishes the
+  pipeline's uint8 patches.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  length = int(part["attention_mask"].sum(1).max())
+  ids = part["input_ids"][:, :length]
+  kw = dict(input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            attention_mask=torch.tensor(part["attention_mask"][:, :length],
+                                        dtype=torch.long, device=device))
+  if "patches" in part:
+    pixels, grids = [], []
+    for slot, grid in zip(part["patches"].reshape(-1, *part["patches"].shape[2:]),
+                          part["image_grid_thw"].reshape(-1, 3)):
+      count = int(np.prod(grid))
+      if count:
+        pixels.append(processor.normalize(slot[:count]))
+        grids.append(grid)
+    kw["pixel_values"] = torch.tensor(np.concatenate(pixels), device=device)
+    kw["image_grid_thw"] = torch.tensor(np.stack(grids), dtype=torch.long,
+                                        device=device)
+    kw["mm_token_type_ids"] = torch.tensor(
+        (ids == image_token_id).astype(np.int64), device=device)
+  return kw

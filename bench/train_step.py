@@ -45,26 +45,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cv2  # noqa: E402
-from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from procir_jax import experiment  # noqa: E402
 from procir_jax import procir as procir_lib  # noqa: E402
 from procir_jax import tiny_model  # noqa: E402
-from procir_jax.data import fashionmv, pipeline  # noqa: E402
+from procir_jax.data import pipeline  # noqa: E402
+from procir_jax.data.image_processing import ImageProcessor  # noqa: E402
 from procir_jax.data import tokenizer as tok  # noqa: E402
 from procir_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5Model  # noqa: E402
-from procir_jax.train import mesh as mesh_lib  # noqa: E402
+from procir_jax import sharding  # noqa: E402
 from procir_jax.train import optimizer as opt_lib  # noqa: E402
 from procir_jax.train import step as step_lib  # noqa: E402
-from tfds_fashionmv import synthetic  # noqa: E402
 
 # Shared with the other model benchmarks (this file's folder is on sys.path).
-from common import PEAK_BF16, decoder_flops, hf_config, vision_flops  # noqa: E402
+from common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
+from common import make_triplets, pipeline_batch, transformers_inputs  # noqa: E402
 
 PRESETS = {
     # The reference run: Qwen3.5-0.8B's shape, 8 triplets, 4 views of 256x256.
@@ -91,50 +89,12 @@ def load_config(name: str, views: int):
   return config
 
 
-def make_triplets(count: int, views: int, image_size: int, seed: int = 0):
-  """`count` synthetic triplets whose products have `views` JPEG views each."""
-  rng = np.random.default_rng(seed)
-  choices = synthetic.CHOICES
-
-  def product(index, attributes):
-    encoded = []
-    for view in synthetic.VIEW_NAMES[:views]:
-      image = np.asarray(synthetic.render_view(attributes, view, image_size, rng))
-      ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-      assert ok
-      encoded.append(data.tobytes())
-    return fashionmv.Product(
-        product_id=str(index), source="fashiongen", views=tuple(encoded),
-        caption_long=synthetic.long_caption(attributes, views),
-        caption_short=synthetic.short_caption(attributes))
-
-  out = []
-  for i in range(count):
-    a = synthetic.Attributes(**{k: str(rng.choice(choices[k]))
-                                for k in synthetic.ATTRIBUTES})
-    colours = [c for c in choices["colour"] if c != a.colour]
-    b = a.replace(colour=str(rng.choice(colours)),
-                  sleeves=str(rng.choice(choices["sleeves"])))
-    short, long = synthetic.modification_texts(a, b)
-    triplet = fashionmv.Triplet(
-        source="fashiongen", source_id=str(2 * i), target_id=str(2 * i + 1),
-        texts={"modification_text_short": short, "modification_text_long": long},
-        row=i)
-    out.append(fashionmv.JoinedTriplet(triplet, product(2 * i, a),
-                                       product(2 * i + 1, b)))
-  return out
-
-
-def make_batch(config, model_dir: str, batch: int, views: int, image_size: int):
-  """One contrastive batch through the pipeline's own example and collate steps."""
-  paths = experiment.Paths(epath.Path(model_dir), "", model_dir)
-  dcfg = experiment.data_config(config, paths, batch_size=batch)
-  builder, pad_id = pipeline.make_builder(dcfg)
-  make = pipeline.MakeExample(builder, "contrastive", dcfg.buckets,
-                              skip_bad=False)
-  items = [make.map((i, joined)) for i, joined in
-           enumerate(make_triplets(batch, views, image_size, config.seed))]
-  return pipeline.make_collate("contrastive", dcfg, pad_id, batch)(items)
+def make_batch(config, model_dir: str, batch: int, views: int, image_size: int,
+               mesh=None):
+  """One contrastive batch through the pipeline's own example and collate steps,
+  for `mesh` to split (None: one device)."""
+  return pipeline_batch(config, model_dir, "contrastive",
+                        make_triplets(batch, views, image_size, config.seed), mesh)
 
 
 def step_flops(cfg: Qwen3_5Config, batch) -> float:
@@ -150,14 +110,7 @@ def step_flops(cfg: Qwen3_5Config, batch) -> float:
   step is 3 x forward; the optimizer update and the B x B similarity matrices are
   left out (elementwise, or negligible).
   """
-  forward = 0.0
-  for name in SEQUENCES:
-    part = batch[name]
-    forward += decoder_flops(cfg, part["attention_mask"].sum(1))
-    if "pixel_values" in part:
-      thw = part["image_grid_thw"].reshape(-1, 3)
-      forward += vision_flops(cfg, thw[thw.prod(1) > 0])
-  return 3 * forward
+  return 3 * batch_forward_flops(cfg, batch, SEQUENCES)
 
 
 def measured_peak(dtype, device_kind: str) -> float:
@@ -178,23 +131,28 @@ def measured_peak(dtype, device_kind: str) -> float:
 # --- this port ----------------------------------------------------------------------
 
 
+def make_mesh(config, devices: int):
+  """This port's mesh over the first `devices` devices."""
+  return sharding.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:devices])
+
+
 def run_jax(config, hcfg, batch, dtype_name: str, iters: int, devices: int):
   """(seconds per step, first step's loss, peak device bytes or None)."""
   cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
   dtype = jnp.dtype(dtype_name)
   t0 = time.perf_counter()
+  mesh = make_mesh(config, devices)
   model = Qwen3_5Model(cfg, dtype=dtype, param_dtype=jnp.float32,
-                       rngs=nnx.Rngs(config.seed))
+                       rngs=nnx.Rngs(config.seed),
+                       options=experiment.model_options(config, mesh))
   procir = procir_lib.ProCIR(model, config.loss.temperature)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(),
-                            devices=jax.devices()[:devices])
   trainer = step_lib.Trainer(
       procir, opt_lib.make_optimizer(config.train, nnx.state(procir, nnx.Param)),
       mesh, experiment.loss_config(config), mode="contrastive",
       cot=config.procir.cot)
   del model, procir
   state = trainer.init_state()
-  inputs = pipeline.to_global(batch, mesh_lib.batch_sharding(mesh))
+  inputs = pipeline.to_global(batch, sharding.batch_sharding(mesh))
   jax.block_until_ready(state)
   print(f"jax: built the model and state in {time.perf_counter() - t0:.1f}s",
         flush=True)
@@ -218,33 +176,13 @@ def run_jax(config, hcfg, batch, dtype_name: str, iters: int, devices: int):
 # --- transformers -------------------------------------------------------------------
 
 
-def torch_inputs(batch, image_token_id: int, device: str):
+def torch_inputs(batch, image_token_id: int, device: str, processor):
   """The batch in transformers' layout, each sequence kind padded to its longest."""
   import torch  # pylint: disable=g-import-not-at-top
   out = {}
   for name in SEQUENCES:
     part = batch[name]
-    length = int(part["attention_mask"].sum(1).max())
-    ids = part["input_ids"][:, :length]
-    kw = dict(input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-              attention_mask=torch.tensor(part["attention_mask"][:, :length],
-                                          dtype=torch.long, device=device))
-    if "pixel_values" in part:
-      pixels, grids = [], []
-      # The pipeline gives each image a padded slot; transformers takes the real
-      # patches of every image of the batch, in order, as one flat array.
-      for row_pixels, row_grids in zip(part["pixel_values"],
-                                       part["image_grid_thw"]):
-        for slot, grid in zip(row_pixels, row_grids):
-          count = int(np.prod(grid))
-          if count:
-            pixels.append(slot[:count])
-            grids.append(grid)
-      kw["pixel_values"] = torch.tensor(np.concatenate(pixels), device=device)
-      kw["image_grid_thw"] = torch.tensor(np.stack(grids), dtype=torch.long,
-                                          device=device)
-      kw["mm_token_type_ids"] = torch.tensor(
-          (ids == image_token_id).astype(np.int64), device=device)
+    kw = transformers_inputs(part, image_token_id, device, processor)
     out[name] = (kw, torch.tensor(part["emb_positions"], dtype=torch.long,
                                   device=device))
   return out
@@ -285,7 +223,7 @@ def run_torch(config, hcfg, batch, dtype_name: str, iters: int):
                           eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
                           fused=device == "cuda")
   schedule = torch.optim.lr_scheduler.LambdaLR(opt, torch_schedule(train_cfg))
-  inputs = torch_inputs(batch, hcfg.image_token_id, device)
+  inputs = torch_inputs(batch, hcfg.image_token_id, device, ImageProcessor())
   autocast = torch.autocast(device, dtype=torch.bfloat16,
                             enabled=dtype_name == "bfloat16")
   labels = torch.arange(batch["valid"].shape[0], device=device)
@@ -375,7 +313,8 @@ def main(argv=None):
     # config; the project's small offline one has the same special tokens.
     tokenizer = tiny_model.write_tokenizer_files(model_dir, "small", config.seed)
     t0 = time.perf_counter()
-    batch = make_batch(config, model_dir, batch_size, views, image_size)
+    batch = make_batch(config, model_dir, batch_size, views, image_size,
+                       mesh=make_mesh(config, args.devices))
   print(f"made the batch with the data pipeline in "
         f"{time.perf_counter() - t0:.1f}s", flush=True)
   ids = tokenizer.convert_tokens_to_ids

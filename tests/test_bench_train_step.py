@@ -46,9 +46,9 @@ def test_step_flops_count_real_tokens_only():
   hcfg = bench.hf_config("tiny", token_ids=(5, 6, 7, 8), vocab_size=64)
   cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
   mask = np.array([[1] * 10 + [0] * 6, [1] * 16])
-  grid = np.array([[[1, 8, 8], [0, 0, 0]], [[1, 8, 8], [1, 8, 4]]])
+  grid = np.array([[[1, 8, 8], [1, 8, 8], [1, 8, 4], [0, 0, 0]]])  # one group
   image = {"attention_mask": mask, "image_grid_thw": grid,
-           "pixel_values": np.zeros((2, 2, 64, 1536))}
+           "patches": np.zeros((1, 4, 64, 768), np.uint8)}
   text = {"attention_mask": mask}
   batch = dict(query=image, document=image, source_caption=text,
                target_caption=text)
@@ -56,6 +56,7 @@ def test_step_flops_count_real_tokens_only():
   padded = dict(batch, source_caption={"attention_mask": np.pad(mask, ((0, 0),
                                                                       (0, 48)))})
   assert bench.step_flops(cfg, padded) == flops
-  one = bench.decoder_flops(cfg, [10]) + bench.decoder_flops(cfg, [16])
-  vision = bench.vision_flops(cfg, np.array([[1, 8, 8], [1, 8, 8], [1, 8, 4]]))
+  common = bench.sys.modules["common"]  # bench/common.py, which the bench imports
+  one = common.decoder_flops(cfg, [10]) + common.decoder_flops(cfg, [16])
+  vision = common.vision_flops(cfg, np.array([[1, 8, 8], [1, 8, 8], [1, 8, 4]]))
   assert flops == pytest.approx(3 * (4 * one + 2 * vision))
