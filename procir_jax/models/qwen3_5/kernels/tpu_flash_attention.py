@@ -282,6 +282,13 @@ def _kv_side(p: _Plan, ref, j: int):
   return ref[...]
 
 
+def _head_operands(p: _Plan, h: int, q_refs, kv_refs):
+  """Query head h's key/value head j (GQA), and its query- and key-side operands."""
+  j = h // p.g
+  return (j, tuple(_q_side(p, r, h) for r in q_refs),
+          tuple(_kv_side(p, r, j) for r in kv_refs))
+
+
 def _block_mask(p: _Plan, qi, kj, q_len, kv_len, transposed: bool):
   """Visible pairs of block (qi, kj) as [bq, bk] (or [bk, bq] when transposed)."""
   shape = (p.bk, p.bq) if transposed else (p.bq, p.bk)
@@ -323,10 +330,7 @@ def _fwd_kernel(qlen_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
   def body(masked):
     mask = _block_mask(p, qi, kj, q_len, kv_len, False) if masked else None
     for h in range(p.nh):
-      j = h // p.g
-      q = _q_side(p, q_ref, h)
-      k = _kv_side(p, k_ref, j)
-      v = _kv_side(p, v_ref, j)
+      _, (q,), (k, v) = _head_operands(p, h, (q_ref,), (k_ref, v_ref))
       s = _scaled_scores(p, q, k, mask)
       m_prev, l_prev = m_sc[h], l_sc[h]  # [bq, 128], lane-replicated
       m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -389,11 +393,7 @@ def _dq_kernel(qlen_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref,
   def body(masked):
     mask = _block_mask(p, qi, kj, q_len, kv_len, False) if masked else None
     for h in range(p.nh):
-      j = h // p.g
-      q = _q_side(p, q_ref, h)
-      do = _q_side(p, do_ref, h)
-      k = _kv_side(p, k_ref, j)
-      v = _kv_side(p, v_ref, j)
+      _, (q, do), (k, v) = _head_operands(p, h, (q_ref, do_ref), (k_ref, v_ref))
       s = _scaled_scores(p, q, k, mask)
       prob = jnp.exp(s - _lanes(lse_sc[h], p.bk))
       dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -426,11 +426,7 @@ def _dkv_kernel(qlen_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_re
     # Transposed orientation [bk, bq]: the saved per-query rows broadcast over sublanes.
     mask = _block_mask(p, qi, kj, q_len, kv_len, True) if masked else None
     for h in range(p.nh):
-      j = h // p.g
-      q = _q_side(p, q_ref, h)
-      do = _q_side(p, do_ref, h)
-      k = _kv_side(p, k_ref, j)
-      v = _kv_side(p, v_ref, j)
+      j, (q, do), (k, v) = _head_operands(p, h, (q_ref, do_ref), (k_ref, v_ref))
       st = _scaled_scores(p, k, q, mask)
       pt = jnp.exp(st - lse_ref[h:h + 1, :])
       dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
