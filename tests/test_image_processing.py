@@ -266,3 +266,25 @@ def test_uint8_patches_normalised_on_the_device_equal_the_processor(norm):
   np.testing.assert_array_equal(host[:, :, 0], host[:, :, 1])  # the repeated frame
   device = np.asarray(proc.pixel_norm(jnp.asarray(levels), jnp)).reshape(1, 3, 256)
   np.testing.assert_allclose(device, host[:, :, 0], rtol=0, atol=4.8e-7)
+
+
+def test_exif_rotated_jpeg_decodes_as_the_release_opens_it():
+  """The release reads views with `Image.open(p).convert("RGB")`, which does not apply
+  the EXIF orientation: a JPEG tagged "rotate 90" keeps its stored shape and pixels."""
+  import io
+
+  from procir_jax.data.examples import decode_image
+
+  pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+  image = Image.fromarray(pixels)
+  exif = image.getexif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+  data = buffer.getvalue()
+  with Image.open(io.BytesIO(data)) as opened:
+    assert opened.getexif()[0x0112] == 6
+    release = np.asarray(opened.convert("RGB"))
+  decoded = decode_image(data, "a rotated view")
+  assert decoded.shape == (24, 40, 3)
+  np.testing.assert_array_equal(decoded, release)

@@ -88,7 +88,10 @@ class ExampleOptions:
 
 def decode_image(data: bytes, what: str) -> np.ndarray:
   """Encoded JPEG/PNG bytes to an RGB uint8 array; errors name `what`."""
-  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  # The release opens views with PIL (`Image.open(p).convert("RGB")`), which leaves the
+  # EXIF orientation alone; OpenCV would apply it and transpose a rotated JPEG.
+  image = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
   if image is None:
     raise BadExampleError(f"Could not decode an image of {what}.")
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
