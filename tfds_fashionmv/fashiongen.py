@@ -28,20 +28,24 @@ class ExtractCounts:
   products: int = 0
 
 
-def _product_id(value) -> str:
+def _product_id(value, row: int, h5_path) -> str:
+  """The release's folder name: the id as an integer, `str(int(id))`."""
   value = np.asarray(value).reshape(-1)[0]
-  if isinstance(value, bytes):
-    value = value.decode()
-  return str(value.item() if hasattr(value, "item") else value).strip()
+  try:
+    return str(int(value))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{h5_path}: row {row} has product id {value!r}, which is not an "
+                     f"integer; FashionGen ids are integers.") from e
 
 
 def extract(h5_path: str | epath.Path, out_dir: str | epath.Path,
             chunk: int = 512, quality: int = 95, progress: bool = True
             ) -> ExtractCounts:
-  """Writes row r of the h5 file to `<out_dir>/<product_id>/<r:07d>.jpg`.
-
-  Rows are named by their index so a product's views sort in file order; files that
-  already exist are left alone, so an interrupted run can simply be started again.
+  """Writes row r of the h5 file to `<out_dir>/<product_id>/<r>.jpg`, as the release's
+  tool does: the same names (no zero padding, so a product's views sort as those
+  strings sort, which decides the views used), the same folders and the same bytes
+  (PIL's JPEG encoder at `quality`, 95 in the release). Files that already exist are
+  left alone, so an interrupted run can simply be started again.
   """
   out_dir = epath.Path(out_dir)
   counts = ExtractCounts()
@@ -61,16 +65,22 @@ def extract(h5_path: str | epath.Path, out_dir: str | epath.Path,
       block_ids = ids[start:start + chunk]
       for offset, (pixels, raw_id) in enumerate(zip(block_images, block_ids)):
         row = start + offset
-        product_id = _product_id(raw_id)
+        product_id = _product_id(raw_id, row, h5_path)
         seen_products.add(product_id)
-        path = out_dir / product_id / f"{row:07d}.jpg"
+        path = out_dir / product_id / f"{row}.jpg"
         counts.rows += 1
+        padded = path.with_name(f"{row:07d}.jpg")
+        if padded != path and padded.exists():
+          raise FileExistsError(
+              f"{padded} has a zero-padded name from an earlier version of this tool; "
+              f"the release names views {row}.jpg, and its view order depends on it. "
+              f"Remove {out_dir} and run the extraction again.")
         if path.exists():
           counts.already_there += 1
           continue
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        Image.fromarray(np.asarray(pixels, np.uint8)).convert("RGB").save(
+        Image.fromarray(np.asarray(pixels, np.uint8)).save(
             buffer, format="JPEG", quality=quality)
         path.write_bytes(buffer.getvalue())
         counts.written += 1
