@@ -18,5 +18,5 @@ from configs import procir_0_8b
 def get_config():
   c = procir_0_8b.get_config()
   c.mode = "eval"
-  c.eval.backend = "exact"
+  c.eval.backends = ("exact",)  # the released protocol searches exactly
   return c

@@ -160,8 +160,34 @@ def stage_config(config, section: str):
   return merged
 
 
+def check_evaluation_data(config, paths: Paths, *, validating: bool) -> None:
+  """Before any training or encoding: names the sources the build holds nothing to
+  evaluate for (the evaluation leaves them out), and stops when nothing is left."""
+  eval_backends(config)  # a bad value stops here, not after training
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  sources = tuple(config.eval.sources)
+  missing = encode_lib.missing_sources(dcfg, config.eval.split, sources)
+  for source, why in missing.items():
+    logging.warning("The evaluation will leave %s out: %s", source, why)
+  present = [s for s in sources if s not in missing]
+  if not present:
+    raise ValueError(
+        f"The {config.eval.split} data in {paths.data_dir} holds nothing to evaluate "
+        f"for any of config.eval.sources={sources}: "
+        + "; ".join(f"{k}: {v}" for k, v in missing.items())
+        + " Put the sources' images under the release's images/ folder and rebuild "
+        "(README, 'What a build drops'), or choose sources the build holds.")
+  val_sources = tuple(config.eval.validation_sources)
+  if validating and all(s in missing for s in val_sources):
+    raise ValueError(
+        f"config.eval.validation_sources={val_sources} has nothing to validate on in "
+        f"this build; set --config.eval.validation_sources to sources it holds, "
+        f"e.g. {present[0]!r}, or --config.train.eval_every=0.")
+
+
 def run_train(config, workdir: str) -> dict[str, float]:
   paths = prepare(config, workdir)
+  check_evaluation_data(config, paths, validating=bool(config.train.eval_every))
   mesh = sharding.make_mesh(config.mesh.to_dict())
   procir = load_model(config, paths, mesh)
   if config.procir.sft:
@@ -184,11 +210,33 @@ def run_train(config, workdir: str) -> dict[str, float]:
   return evaluate(config, paths, trainer.graphdef, state.params, mesh)
 
 
+EVAL_BACKENDS = ("exact", "scann")
+
+
+def eval_backends(config) -> tuple[str, ...]:
+  """`config.eval.backends`, checked: exact search (the released protocol) and
+  optionally ScaNN, reported beside it with its top-10 overlap with exact."""
+  # A command line gives "exact,scann" as one string: accept commas inside items too.
+  backends = tuple(b.strip() for item in config.eval.backends
+                   for b in str(item).split(",") if b.strip())
+  unknown = [b for b in backends if b not in EVAL_BACKENDS]
+  if unknown or "exact" not in backends:
+    raise ValueError(
+        f"config.eval.backends={backends!r}: each must be one of {EVAL_BACKENDS} and "
+        f"'exact' must be among them (it gives the released protocol's numbers), "
+        f"e.g. --config.eval.backends=exact or --config.eval.backends=exact,scann.")
+  return backends
+
+
 def evaluate(config, paths: Paths, graphdef, params, mesh,
-             sources=None, backends=("exact", "scann"), write: bool = True,
+             sources=None, backends=None, write: bool = True,
              encoder: encode_lib.Encoder | None = None) -> dict[str, float]:
-  """The released protocol on the validation split: results.json, table, npz."""
+  """The released protocol on the validation split: results.json, table, npz.
+
+  `backends` defaults to `config.eval.backends`."""
   from procir_jax.eval import recall, report
+
+  backends = eval_backends(config) if backends is None else backends
 
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
                      mesh=mesh)
@@ -250,6 +298,7 @@ def load_trained(config, workdir: str):
 def run_eval(config, workdir: str) -> dict[str, float]:
   """Evaluates `model.hf_dir`, or its trained state (see `load_trained`)."""
   paths, mesh, graphdef, params = load_trained(config, workdir)
+  check_evaluation_data(config, paths, validating=False)
   return evaluate(config, paths, graphdef, params, mesh)
 
 

@@ -38,6 +38,9 @@ def test_train_mode_writes_results(tmp_path, capsys):
       "contrastive", "sft"]
   out = capsys.readouterr().out
   assert "Average" in out and "chance R@10" in out
+  # config.eval.backends: exact, then ScaNN beside it.
+  table = (tmp_path / "eval" / "results.txt").read_text()
+  assert "\nScaNN\n" in table
 
 
 def test_command_line_rejects_unknown_modes(tmp_path):
@@ -47,3 +50,54 @@ def test_command_line_rejects_unknown_modes(tmp_path):
       cwd=REPO, capture_output=True, text=True)
   assert result.returncode != 0
   assert "config.mode must be one of" in result.stderr
+
+
+def test_eval_backends_come_from_the_config():
+  config = base.get_config()
+  assert experiment.eval_backends(config) == ("exact", "scann")
+  config.eval.backends = ("exact,scann",)  # as `--config.eval.backends=exact,scann`
+  assert experiment.eval_backends(config) == ("exact", "scann")
+  config.eval.backends = ("exact",)
+  assert experiment.eval_backends(config) == ("exact",)
+  for bad in [("scann",), ("exact", "faiss")]:
+    config.eval.backends = bad
+    with pytest.raises(ValueError, match=r"config.eval.backends=.*'exact' must be"):
+      experiment.eval_backends(config)
+
+
+def _partial_release(tmp_path, config):
+  """A release holding no Fashion200K images, as the main job would be pointed at."""
+  import shutil
+
+  from tfds_fashionmv import synthetic
+
+  release = tmp_path / "release"
+  synthetic.generate(release, synthetic.SyntheticConfig(**config.data.synthetic))
+  shutil.rmtree(release / "images" / "f200k")
+  config.data.manual_dir = str(release)
+  config.data.use_synthetic = False
+  return config
+
+
+def test_a_partial_release_evaluates_what_it_holds(tmp_path, capsys):
+  config = _partial_release(tmp_path, _small(base.get_config()))
+  config.eval.backends = ("exact",)
+  metrics = experiment.run_eval(config, str(tmp_path / "run"))
+  assert set(metrics) == {f"{d}_R@{k}" for d in ("DeepFashion", "FashionGen-val")
+                          for k in (1, 5, 10)} | {"Average_R@5", "Average_R@10"}
+  table = (tmp_path / "run" / "eval" / "results.txt").read_text()
+  assert "Left out, nothing to evaluate in this data: Fashion200K" in table
+
+
+def test_training_stops_before_it_starts_when_validation_has_no_data(tmp_path):
+  config = _partial_release(tmp_path, _small(base.get_config()))
+  config.train.eval_every = 1
+  config.eval.validation_sources = ("f200k",)
+  with pytest.raises(ValueError, match=r"validation_sources=\('f200k',\) has nothing "
+                                       r"to validate on.*'deepfashion'"):
+    experiment.run_train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  config.eval.sources = ("f200k",)
+  with pytest.raises(ValueError, match=r"nothing to evaluate for any of "
+                                       r"config.eval.sources=\('f200k',\).*images/f200k"):
+    experiment.run_eval(config, str(tmp_path / "run"))

@@ -22,6 +22,7 @@ import numpy as np
 from procir_jax.data import fashionmv, pipeline
 from procir_jax.eval import recall
 from procir_jax import sharding
+from tfds_fashionmv import release
 
 SOURCES = ("deepfashion", "f200k", "fashiongen")
 
@@ -92,14 +93,44 @@ def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
   return out
 
 
+def _nothing_to_evaluate(source: str, split: str, gallery: int, queries: int) -> str:
+  folder = release.image_folder(source, split)
+  return (f"the {split} build holds {gallery} gallery products and {queries} usable "
+          f"queries of {source}: was images/{folder} absent or empty when the TFDS data "
+          f"was built? The build report counts what it dropped.")
+
+
+def missing_sources(data_cfg: pipeline.DataConfig, split: str = "validation",
+                    sources: Sequence[str] = SOURCES) -> dict[str, str]:
+  """Sources the build holds nothing to evaluate for, each with the reason.
+
+  A release may hold only some sources' images (its README has users prepare only the
+  datasets they evaluate); the TFDS build then drops the other sources' products.
+  """
+  return {source: _nothing_to_evaluate(source, split, len(keys), len(joined))
+          for source, (keys, _, joined) in evaluation_records(data_cfg, split,
+                                                               sources).items()
+          if not keys or not len(joined)}
+
+
 def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
                     split: str = "validation", sources: Sequence[str] = SOURCES,
                     encoder: Encoder | None = None
                     ) -> list[recall.DatasetEmbeddings]:
+  """Embeddings of each source's gallery and queries; a source the build holds nothing
+  of is logged and returned empty, and the evaluation lists it as left out."""
   encoder = encoder or Encoder(graphdef, mesh)
   results = []
   for source, (keys, gallery_records, joined) in evaluation_records(
       data_cfg, split, sources).items():
+    if not keys or not len(joined):
+      logging.warning("Leaving %s out of the evaluation: %s", source,
+                      _nothing_to_evaluate(source, split, len(keys), len(joined)))
+      empty = np.zeros((0, 0), np.float32)
+      results.append(recall.DatasetEmbeddings(
+          dataset=source, gallery_ids=[], gallery=empty, source_ids=[], target_ids=[],
+          q=empty, s=empty))
+      continue
     docs, skipped = encoder.run(
         params, pipeline.make_loader("gallery", data_cfg, gallery_records, train=False),
         f"{source} gallery", len(keys))

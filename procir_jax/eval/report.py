@@ -181,7 +181,8 @@ def format_table(results: recall.EvalResults) -> str:
       lines.append(f"{d.name}: {len(d.skipped)} examples skipped by the "
                    f"encoder (listed in {DETAILS_FILE})")
   if results.without_queries:
-    lines += ["", "No queries: " + ", ".join(results.without_queries)]
+    lines += ["", "Left out, nothing to evaluate in this data: "
+              + ", ".join(recall.display_name(n) for n in results.without_queries)]
   return "\n".join(lines)
 
 
