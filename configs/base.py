@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.max_views = 3
   c.data.skip_bad_examples = False
+  # Resize and normalise views as transformers' torchvision backend does (as the
+  # released evaluation runs), or as its Pillow backend ("pil").
+  c.data.image_backend = "torchvision"
   c.data.query_text = "modification_text_short"
   c.data.lengths = (64, 128, 192, 256, 384, 512, 768, 1024)
   c.data.patches = (64, 144, 256, 400, 576, 784, 1024)

@@ -86,6 +86,7 @@ def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = Non
   return pipeline.DataConfig(
       data_dir=paths.data_dir, model_dir=paths.model_dir, global_batch_size=batch_size,
       seed=config.seed, worker_count=config.data.worker_count,
+      image_backend=config.data.image_backend,
       skip_bad_examples=config.data.skip_bad_examples,
       buckets=bucketing.Buckets(lengths=tuple(config.data.lengths),
                                 patches=tuple(config.data.patches),
@@ -116,7 +117,8 @@ def load_model(config, paths: Paths, mesh: jax.sharding.Mesh) -> procir_lib.ProC
     logging.info("Growing the vocabulary by %d token(s) for %s.", missing,
                  tok.EMB_TOKEN)
     grow_vocab(model, missing)
-  processor = ImageProcessor.from_pretrained(paths.model_dir)
+  processor = ImageProcessor.from_pretrained(paths.model_dir,
+                                             backend=config.data.image_backend)
   return procir_lib.ProCIR(model, config.loss.temperature, processor.pixel_norm)
 
 

@@ -1,9 +1,12 @@
 """Image processing equals transformers' Qwen3.5 image processor.
 
 transformers is the reference: both processors read the same
-preprocessor_config.json, and pixel values must match bit for bit.
+preprocessor_config.json, and pixel values must match bit for bit, for its Pillow
+backend (compared with transformers itself) and its torchvision backend (compared
+with the torch kernels that torchvision runs).
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -87,7 +90,7 @@ def hf(model_dir):
 
 @pytest.fixture(scope="module")
 def ours(model_dir):
-  return ip.ImageProcessor.from_pretrained(model_dir)
+  return ip.ImageProcessor.from_pretrained(model_dir, backend="pil")
 
 
 def test_reads_the_config_like_transformers(hf, ours):
@@ -101,7 +104,8 @@ def test_reads_the_config_like_transformers(hf, ours):
   assert ours.resample == hf.resample == Image.Resampling.BICUBIC
   assert ours.patch_dim == 1536
   # Built directly, the defaults are the same Qwen3.5 + ProCIR settings.
-  assert ip.ImageProcessor() == ours
+  assert ip.ImageProcessor(backend="pil") == ours
+  assert ip.ImageProcessor().backend == "torchvision"  # as the release runs
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -195,7 +199,7 @@ def test_config_variants_read_like_transformers(tmp_path):
     directory = _write_config(tmp_path / name, config)
     hf = transformers.AutoImageProcessor.from_pretrained(
         directory, backend="pil")
-    ours = ip.ImageProcessor.from_pretrained(directory)
+    ours = ip.ImageProcessor.from_pretrained(directory, backend="pil")
     _assert_same(ours(image), _hf_call(hf, image))
   bare = ip.ImageProcessor.from_pretrained(tmp_path / "bare")
   assert bare.patch_size == 14 and bare.image_mean[0] == 0.48145466
@@ -217,7 +221,7 @@ def test_overrides_and_save_round_trip(tmp_path):
   assert ip.ImageProcessor.from_pretrained(saved) == ours
   hf = transformers.AutoImageProcessor.from_pretrained(saved, backend="pil")
   image = _image(300, 700)
-  _assert_same(ours(image), _hf_call(hf, image))
+  _assert_same(dataclasses.replace(ours, backend="pil")(image), _hf_call(hf, image))
 
 
 def test_errors_say_what_is_wrong(tmp_path, ours):
@@ -238,20 +242,26 @@ def test_errors_say_what_is_wrong(tmp_path, ours):
     ip.ImageProcessor(min_pixels=10, max_pixels=5)
   with pytest.raises(ValueError, match="image_mean"):
     ip.ImageProcessor(image_mean=(0.5, 0.5))
+  with pytest.raises(ValueError, match="backend"):
+    ip.ImageProcessor(backend="cv2")
+  with pytest.raises(NotImplementedError, match="backend='pil'"):
+    ip.ImageProcessor(resample=2)
 
 
+@pytest.mark.parametrize("backend", ip.BACKENDS)
 @pytest.mark.parametrize("norm", [dict(), dict(image_mean=(0.48145466, 0.4578275,
                                                           0.40821073),
                                             image_std=(0.26862954, 0.26130258,
                                                        0.27577711))])
-def test_uint8_patches_normalised_on_the_device_equal_the_processor(norm):
+def test_uint8_patches_normalised_on_the_device_equal_the_processor(norm, backend):
   """The pipeline sends uint8 patches of one frame; the device's rescale and
   normalisation give the processor's values up to float32 rounding, for every level:
   at most two rounding steps of the result (values lie in [-2.2, 2.8], where a step
-  is at most 2.4e-7)."""
+  is at most 2.4e-7). The Pillow backend rescales in float64; XLA may divide by
+  multiplying with the reciprocal."""
   import jax.numpy as jnp
 
-  proc = ip.ImageProcessor(**norm)
+  proc = ip.ImageProcessor(backend=backend, **norm)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (64, 96, 3), np.uint8),
             rng.integers(0, 256, (128, 128, 3), np.uint8)]
@@ -266,6 +276,40 @@ def test_uint8_patches_normalised_on_the_device_equal_the_processor(norm):
   np.testing.assert_array_equal(host[:, :, 0], host[:, :, 1])  # the repeated frame
   device = np.asarray(proc.pixel_norm(jnp.asarray(levels), jnp)).reshape(1, 3, 256)
   np.testing.assert_allclose(device, host[:, :, 0], rtol=0, atol=4.8e-7)
+
+
+def _torchvision_reference(image, size, config):
+  """pixel_values as transformers' torchvision backend computes them, through the
+  torch ops that torchvision calls: on the CPU, `tvF.resize(uint8, BICUBIC,
+  antialias=True)` is torch's native uint8 `interpolate`, and `tvF.normalize` is
+  `sub(mean).div(std)` with the rescale folded into float32 mean and std.
+  (torchvision is not installable beside the CPU torch build from PyPI, so the test
+  calls those ops itself.)"""
+  torch = pytest.importorskip("torch")
+  x = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+  if tuple(x.shape[2:]) != size:
+    x = torch.nn.functional.interpolate(x, size=list(size), mode="bicubic",
+                                        align_corners=False, antialias=True)
+  fold = 1.0 / config["rescale_factor"]
+  mean = (torch.tensor(config["image_mean"]) * fold).view(-1, 1, 1)
+  std = (torch.tensor(config["image_std"]) * fold).view(-1, 1, 1)
+  x = x.to(torch.float32).sub(mean).div(std).numpy()[0]
+  # Qwen2-VL's patch order, the still frame repeated over the temporal patch.
+  p, m, t = config["patch_size"], config["merge_size"], config["temporal_patch_size"]
+  c, h, w = x.shape
+  x = np.broadcast_to(x[None], (t, c, h, w))
+  x = x.reshape(t, c, h // p // m, m, p, w // p // m, m, p)
+  return x.transpose(2, 5, 3, 6, 1, 0, 4, 7).reshape(h * w // p // p, c * t * p * p)
+
+
+def test_torchvision_backend_equals_torchs_kernels(model_dir):
+  ours = ip.ImageProcessor.from_pretrained(model_dir)
+  assert ours.backend == "torchvision"
+  for i, size in enumerate(SIZES + [(97, 131), (2000, 300)]):
+    image = _image(*size, seed=i)
+    expected = _torchvision_reference(image, ours.resized_size(*size),
+                                      QWEN3_5_CONFIG)
+    np.testing.assert_array_equal(ours(image).pixel_values, expected, err_msg=size)
 
 
 def test_exif_rotated_jpeg_decodes_as_the_release_opens_it():

@@ -12,13 +12,19 @@ where the first five axes are flattened into rows and the last four into the
 patch vector (3 * 2 * 16 * 16 = 1536 values for Qwen3.5). A still image is one
 temporal patch: its frame is repeated `temporal_patch_size` times.
 
-The output equals transformers' `Qwen2VLImageProcessorPil`, which is what
-`AutoImageProcessor.from_pretrained` returns for Qwen3.5 when torchvision is not
-installed (it is not a dependency of this project). Resampling uses Pillow's
-bicubic filter, exactly as that processor does. transformers' torchvision
-backend resamples in float32 rather than Pillow's fixed point, so where it is
-installed its resized pixels can differ from these by up to two grey levels
-(0.016 after normalising with std 0.5) in under 1% of the values.
+The output equals what transformers' `AutoImageProcessor.from_pretrained` returns
+for Qwen3.5, for either of its backends (`backend`):
+
+  "torchvision"  the default, and what the released evaluation runs (it installs
+                 torchvision): images resize with PyTorch's uint8 bicubic kernel
+                 (reproduced in NumPy by `resampling`) and normalise with the
+                 rescale factor folded into the mean and std;
+  "pil"          transformers' `Qwen2VLImageProcessorPil`, its choice without
+                 torchvision: Pillow's bicubic filter, rescale then normalise.
+
+The two resize to the same grid and differ by one grey level (rarely two) in
+about 0.5% of the resized values, and by up to one float32 rounding step after
+normalising.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from procir_jax.data import resampling
+
 CONFIG_NAME = "preprocessor_config.json"
+BACKENDS = ("torchvision", "pil")
 
 # What ProCIR feeds Qwen3.5: the checkpoint's patching and normalisation with a
 # smaller pixel budget than the checkpoint's own (65536 to 16777216 pixels).
@@ -162,9 +171,10 @@ class ImagePatches:
 class PixelNorm:
   """The processor's rescale and normalisation, for patches on the device.
 
-  uint8 in, float32 out, equal to `ImageProcessor.normalize` up to float32 rounding
-  (that one rescales in float64, as transformers does; the two differ by at most two
-  rounding steps of the result, e.g. 2.4e-7 for Qwen's values in [-1, 1]).
+  uint8 in, float32 out, equal to `ImageProcessor.normalize` up to float32 rounding:
+  at most two rounding steps of the result (e.g. 2.4e-7 for Qwen's values in
+  [-1, 1]), as the Pillow backend rescales in float64 and XLA may divide by
+  multiplying with the reciprocal.
   """
 
   rescale_factor: float | None  # None: no rescaling
@@ -220,6 +230,9 @@ class ImageProcessor:
       patch_size * merge_size).
     do_rescale: Apply `rescale_factor`.
     do_normalize: Apply `image_mean` and `image_std`.
+    backend: Which of transformers' backends to reproduce (see the module doc):
+      "torchvision" (as the released evaluation runs) or "pil". A runtime choice,
+      like transformers': preprocessor_config.json does not record it.
   """
 
   min_pixels: int = PROCIR_MIN_PIXELS
@@ -234,6 +247,7 @@ class ImageProcessor:
   do_resize: bool = True
   do_rescale: bool = True
   do_normalize: bool = True
+  backend: str = "torchvision"
   # Value of every uint8 level after rescaling and normalising, per channel.
   _table: np.ndarray = dataclasses.field(
       init=False, repr=False, compare=False)
@@ -251,6 +265,13 @@ class ImageProcessor:
       raise ValueError(f"resample must be a Pillow filter code 0..5, "
                        f"got {self.resample!r}")
     object.__setattr__(self, "resample", int(self.resample))
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+    if (self.backend == "torchvision" and self.do_resize
+        and self.resample != Image.Resampling.BICUBIC):
+      raise NotImplementedError(
+          f"the torchvision backend is reproduced for bicubic resampling (3), which "
+          f"Qwen3.5 uses; got resample={self.resample}. Use backend='pil'.")
     object.__setattr__(self, "image_mean", _per_channel(self.image_mean,
                                                         "image_mean"))
     object.__setattr__(self, "image_std", _per_channel(self.image_std,
@@ -431,6 +452,13 @@ class ImageProcessor:
   @property
   def pixel_norm(self) -> PixelNorm:
     """The rescale and normalisation, to apply to uint8 patches on the device."""
+    if self.backend == "torchvision" and self.do_rescale and self.do_normalize:
+      # transformers' torchvision backend folds the rescale into the mean and std
+      # (float32 tensors times 1 / rescale_factor) and normalises once.
+      fold = np.float32(1.0 / self.rescale_factor)
+      def folded(values):
+        return tuple(float(np.float32(v) * fold) for v in values)
+      return PixelNorm(None, folded(self.image_mean), folded(self.image_std))
     return PixelNorm(
         rescale_factor=float(self.rescale_factor) if self.do_rescale else None,
         mean=self.image_mean if self.do_normalize else None,
@@ -438,7 +466,9 @@ class ImageProcessor:
 
   def _resize(self, rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     if rgb.shape[:2] == (height, width):
-      return rgb  # Pillow also returns an unchanged copy here.
+      return rgb  # Pillow and torchvision also leave the pixels unchanged here.
+    if self.backend == "torchvision":
+      return resampling.resize_bicubic_uint8(rgb, height, width)
     resized = Image.fromarray(np.ascontiguousarray(rgb)).resize(
         (width, height), resample=self.resample)
     return np.asarray(resized)
@@ -453,22 +483,16 @@ class ImageProcessor:
     out[:] = blocks.reshape(gh * gw, channels * p * p)
 
   def _level_table(self) -> np.ndarray:
-    """float32 [3, 256]: each uint8 level of each channel, fully processed.
-
-    Computed in the same precision as transformers (rescale in float64, cast
-    to float32, normalise in float32) so that the values are bit-identical.
-    """
+    """float32 [3, 256]: each uint8 level of each channel, fully processed, in the
+    same float operations as the backend, so that the values are bit-identical."""
+    norm = self.pixel_norm
     levels = np.arange(256, dtype=np.uint8)[None, :].repeat(3, axis=0)
-    if self.do_rescale:
-      values = (levels.astype(np.float64) * self.rescale_factor).astype(
-          np.float32)
-    else:
-      values = levels.astype(np.float32)
-    if self.do_normalize:
-      mean = np.asarray(self.image_mean, np.float32)[:, None]
-      std = np.asarray(self.image_std, np.float32)[:, None]
-      values = (values - mean) / std
-    return values.astype(np.float32)
+    if self.backend == "pil" and self.do_rescale:
+      # Pillow backend: rescale in float64, cast to float32, normalise in float32.
+      values = (levels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+      return PixelNorm(None, norm.mean, norm.std)(values.reshape(1, 768),
+                                                 np).reshape(3, 256)
+    return norm(levels.reshape(1, 768), np).reshape(3, 256)
 
 
 def _per_channel(value: Any, name: str) -> tuple[float, float, float]:

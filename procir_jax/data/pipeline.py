@@ -41,6 +41,7 @@ class DataConfig:
   skip_bad_examples: bool = False  # else a bad example stops with its product id
   min_pixels: int = PROCIR_MIN_PIXELS
   max_pixels: int = PROCIR_MAX_PIXELS
+  image_backend: str = "torchvision"  # image_processing.BACKENDS
   buckets: bucketing.Buckets = bucketing.Buckets()
   options: examples.ExampleOptions = examples.ExampleOptions()
   # Image groups per process-local batch: one per local batch shard of the mesh
@@ -180,7 +181,8 @@ def make_builder(config: DataConfig) -> tuple[examples.ExampleBuilder, int]:
   tokenizer = tok.load_tokenizer(config.model_dir)
   # A Qwen3.5 checkpoint's own pixel budget is far wider; ProCIR sets its own.
   processor = ImageProcessor.from_pretrained(
-      config.model_dir, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+      config.model_dir, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+      backend=config.image_backend)
   builder = examples.ExampleBuilder(dialogue.Dialogues(tokenizer), processor,
                                     config.options)
   return builder, tok.special_token_ids(tokenizer).pad
