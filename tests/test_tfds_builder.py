@@ -41,7 +41,7 @@ class FashionMVProductsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCas
 
 class FashionMVTripletsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ["triplets"]
-  SPLITS = {"train": 2, "validation": 2}
+  SPLITS = {"train": 4, "validation": 3}  # every row, usable or not
 
 
 def _build(tmp_path, config, manual_dir=DUMMY):
@@ -97,20 +97,27 @@ def test_products_views_captions_and_drops(tmp_path):
   assert len(reloaded.as_data_source(split="train")) == 4
 
 
-def test_triplets_drop_those_pointing_at_dropped_products(tmp_path):
+def test_triplets_keep_every_row_and_flag_products_without_images(tmp_path):
   builder = _build(tmp_path, "triplets")
   train = tfds.data_source("fashionmv/triplets", split="train", data_dir=tmp_path)
   rows = {int(train[i]["row"]): train[i] for i in range(len(train))}
-  assert sorted(rows) == [1, 4]
+  assert sorted(rows) == [1, 2, 3, 4]
+  flags = {r: (bool(ex["source_has_images"]), bool(ex["target_has_images"]))
+           for r, ex in rows.items()}
+  # Row 2's target has no folder, row 3's only image is corrupt.
+  assert flags == {1: (True, True), 2: (True, False), 3: (True, False),
+                   4: (True, True)}
   assert rows[4]["target_id"] == b"WOMEN/Dresses/id_00000001/01"
   assert rows[4]["modification_text_long"].startswith(b"Change ")
   assert dict(zip(rows[4]["extra_texts"]["name"], rows[4]["extra_texts"]["text"])) == {
       b"reasoning": b"a dress instead of a shirt"}
-  dropped = builder.info.metadata["build_report"]["train"]["triplets_dropped"]
-  assert [(d["row"], d["dropped_products"]) for d in dropped] == [
-      (2, ["dresses/31000002"]), (3, ["100002"])]
-  val_dropped = builder.info.metadata["build_report"]["validation"]["triplets_dropped"]
-  assert [d["row"] for d in val_dropped] == [3]
+  report = builder.info.metadata["build_report"]
+  assert (report["train"]["triplets"], report["train"]["triplets_usable"]) == (4, 2)
+  assert [(d["row"], d["products_without_images"])
+          for d in report["train"]["triplets_unusable"]] == [
+              (2, ["dresses/31000002"]), (3, ["100002"])]
+  assert [d["row"] for d in report["validation"]["triplets_unusable"]] == [3]
+  assert report["validation"]["triplets_usable"] == 2
 
 
 def test_missing_manual_dir_says_what_to_download(tmp_path):
@@ -164,4 +171,4 @@ def test_tfds_command_line_builds_both_configs(tmp_path):
   assert len(tfds.data_source("fashionmv/products", split="train",
                               data_dir=tmp_path)) == 4
   assert len(tfds.data_source("fashionmv/triplets", split="validation",
-                              data_dir=tmp_path)) == 2
+                              data_dir=tmp_path)) == 3

@@ -51,14 +51,21 @@ def _text_pairs() -> tfds.features.Sequence:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """FashionMV products and triplets from a local copy of the release."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: products and triplets configs."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release: products and triplets configs.",
+      "1.1.0": "triplets keeps every row of the release and flags each product with "
+               "`source_has_images` / `target_has_images`: the evaluation gallery "
+               "holds the products of rows whose partner has no images. The build "
+               "report's `triplets_dropped` becomes `triplets_unusable`.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       FashionMVConfig(name="products", kind="products",
                       description="One example per product: views and captions."),
       FashionMVConfig(name="triplets", kind="triplets",
-                      description="One example per CIR triplet: ids and texts."),
+                      description="One example per CIR triplet: ids, texts and "
+                                  "whether each product has images."),
   ]
   DEFAULT_CONFIG_NAME = "products"
 
@@ -91,6 +98,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "modification_text_long": tfds.features.Text(),
           "extra_texts": _text_pairs(),
           "row": tfds.features.Scalar(dtype=np.int32),
+          # False when the product has no readable image (it is then absent from
+          # the products config): such a row is no query or training example, but
+          # its other product still belongs to the evaluation gallery.
+          "source_has_images": tfds.features.Scalar(dtype=np.bool_),
+          "target_has_images": tfds.features.Scalar(dtype=np.bool_),
       }
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(features),
@@ -134,10 +146,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _scan(self, manual_dir, split, products, report, full: bool
             ) -> Iterator[tuple[tuple[str, str], release.ProductViews]]:
-    """Scans product folders, records what it drops, yields the kept products.
+    """Scans product folders, records those without a readable image, yields the others.
 
     A full scan reads up to `max_views` views and reports corrupt files; otherwise one
-    readable view is enough to know that a product is kept.
+    readable view is enough to know that a product has images.
     """
     max_views = self.builder_config.max_views if full else 1
     no_folder, unreadable, corrupt, beyond_cap = [], [], [], 0
@@ -178,17 +190,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     report["products"] = kept
 
   def _triplets(self, manual_dir, split, products, triplets, report):
-    kept_products = {product for product, _ in self._scan(
+    with_images = {product for product, _ in self._scan(
         manual_dir, split, products, report, full=False)}
-    dropped = []
-    report["triplets_dropped"] = dropped
+    # Every row is kept, as the release's evaluation reads them all to build its
+    # gallery; rows with an imageless product are listed here because they can be
+    # neither queries nor training examples.
+    unusable = []
+    report["triplets_unusable"] = unusable
     for t in triplets:
-      missing = [pid for pid in (t.source_id, t.target_id)
-                 if (t.source, pid) not in kept_products]
-      if missing:
-        dropped.append({"row": t.row, "source_id": t.source_id,
-                        "target_id": t.target_id, "dropped_products": missing})
-        continue
+      has_images = [(t.source, pid) in with_images
+                    for pid in (t.source_id, t.target_id)]
+      if not all(has_images):
+        unusable.append({
+            "row": t.row, "source_id": t.source_id, "target_id": t.target_id,
+            "products_without_images": [
+                pid for pid, has in zip((t.source_id, t.target_id), has_images)
+                if not has]})
       yield f"{split}/{t.row:09d}", {
           "source_id": t.source_id,
           "target_id": t.target_id,
@@ -197,17 +214,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "modification_text_long": t.modification_text_long,
           "extra_texts": [{"name": k, "text": v} for k, v in t.extra_texts],
           "row": t.row,
+          "source_has_images": has_images[0],
+          "target_has_images": has_images[1],
       }
-    report["triplets"] = len(triplets) - len(dropped)
+    report["triplets"] = len(triplets)
+    report["triplets_usable"] = len(triplets) - len(unusable)
 
 
 def _log_report(config: str, split: str, report: dict[str, Any]) -> None:
-  """One summary line per split, with the counts of everything dropped."""
+  """One summary line per split, with the counts of everything dropped or unusable."""
   counts = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
   logging.info("fashionmv/%s %s build report: %s", config, split, counts)
   if any(counts.get(k) for k in ("products_dropped_no_folder",
                                  "products_dropped_no_readable_image",
-                                 "corrupt_image_files", "triplets_dropped")):
+                                 "corrupt_image_files")):
     logging.warning(
-        "fashionmv/%s %s dropped data; the full lists are in the dataset's "
-        "metadata.json under build_report.%s.", config, split, split)
+        "fashionmv/%s %s: some products have no readable image or some image files "
+        "are corrupt; the full lists are in the dataset's metadata.json under "
+        "build_report.%s.", config, split, split)
+  if counts.get("triplets_unusable"):
+    logging.warning(
+        "fashionmv/%s %s: %d triplets name a product without images; they are kept "
+        "(flagged by source_has_images/target_has_images) for the evaluation "
+        "gallery but are no queries or training examples. The list is in the "
+        "dataset's metadata.json under build_report.%s.triplets_unusable.",
+        config, split, counts["triplets_unusable"], split)

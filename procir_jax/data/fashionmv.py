@@ -47,6 +47,14 @@ class Triplet:
   target_id: str
   texts: dict[str, str]  # modification_text_short, modification_text_long, extras
   row: int
+  # Whether each product has images (is in `fashionmv/products`). A row lacking
+  # either is no query or training example, but feeds the evaluation gallery.
+  source_has_images: bool = True
+  target_has_images: bool = True
+
+  @property
+  def usable(self) -> bool:
+    return self.source_has_images and self.target_has_images
 
 
 class _RawSource:
@@ -139,7 +147,8 @@ class ProductSubset:
 
 
 class Triplets:
-  """Random access to `fashionmv/triplets`, in file order."""
+  """Random access to `fashionmv/triplets`, in file order: every row of the release,
+  including those whose source or target has no images (see `Triplet.usable`)."""
 
   def __init__(self, data_dir: str, split: str):
     self._raw = _RawSource("fashionmv/triplets", split, data_dir)
@@ -161,7 +170,13 @@ class Triplets:
     texts.update({_text(k): _text(v) for k, v in zip(extra["name"], extra["text"])})
     return Triplet(source=_text(record["source"]), source_id=_text(record["source_id"]),
                    target_id=_text(record["target_id"]), texts=texts,
-                   row=int(record["row"]))
+                   row=int(record["row"]),
+                   source_has_images=bool(record["source_has_images"]),
+                   target_has_images=bool(record["target_has_images"]))
+
+  @property
+  def split(self) -> str:
+    return self._raw.split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,27 +186,61 @@ class JoinedTriplet:
   target: Product
 
 
+def _image_flag_mismatches(products: Products, t: Triplet) -> list[str]:
+  """How a triplet's image flags disagree with `products` (empty when they agree).
+
+  Both configs decide "has images" by the same scan, so a disagreement means they
+  were built from different releases or builder versions.
+  """
+  return [f"row {t.row}: {t.source} product {pid!r} "
+          + ("has images by fashionmv/triplets but is absent from fashionmv/products"
+             if has else "has no images by fashionmv/triplets but is in "
+                         "fashionmv/products")
+          for pid, has in ((t.source_id, t.source_has_images),
+                           (t.target_id, t.target_has_images))
+          if has != ((t.source, pid) in products)]
+
+
+def _mismatch_error(products: Products, triplets: Triplets,
+                   mismatches: Sequence[str]) -> ValueError:
+  shown = "; ".join(mismatches[:3])
+  return ValueError(
+      f"fashionmv/triplets {triplets.split} and fashionmv/products {products.split} "
+      f"disagree about which products have images ({shown}; {len(mismatches)} in "
+      f"all): the two configs were built from different releases or builder "
+      f"versions. Rebuild both from the same release: tfds build fashionmv "
+      f"--imports=tfds_fashionmv --manual_dir=<release> --data_dir=<data_dir> "
+      f"--overwrite")
+
+
 class JoinedTriplets:
-  """Triplets with their source and target products: a grain random-access source."""
+  """Triplets with their source and target products: a grain random-access source.
+
+  Holds the usable rows (both products have images); `unusable` counts the rows of
+  the selected sources left out because a product has none.
+  """
 
   def __init__(self, products: Products, triplets: Triplets,
                sources: Sequence[str] | None = None):
     self.products, self.triplets = products, triplets
-    keep, missing = [], 0
+    keep, mismatches, self.unusable = [], [], 0
     for i in range(len(triplets)):
       t = triplets[i]
       if sources is not None and t.source not in sources:
         continue
-      if (t.source, t.source_id) in products and (t.source, t.target_id) in products:
+      mismatches.extend(_image_flag_mismatches(products, t))
+      if t.usable:
         keep.append(i)
       else:
-        missing += 1
-    if missing:
-      # The builder already drops such triplets; a mismatch means the two configs
-      # were built from different releases.
-      raise ValueError(
-          f"{missing} triplets point at products missing from fashionmv/products "
-          f"{products.split}; rebuild both configs from the same release.")
+        self.unusable += 1
+    if mismatches:
+      raise _mismatch_error(products, triplets, mismatches)
+    if self.unusable:
+      logging.warning(
+          "%d of %d %s triplets%s name a product without images and are left out "
+          "(the build report lists them under triplets_unusable).", self.unusable,
+          self.unusable + len(keep), triplets.split,
+          f" of {', '.join(sources)}" if sources is not None else "")
     self._rows = np.asarray(keep, np.int64)
 
   def __len__(self) -> int:

@@ -1,10 +1,18 @@
 """Encoding the evaluation galleries and queries with a (sharded) ProCIR model.
 
-Per source dataset: the gallery is every product that appears as a source or target in
-that dataset's validation triplets and is in `fashionmv/products` (has images),
-encoded as a product document; the queries are its triplets as two-stage dialogues
-(embedding q, last `<emb_all>`; s, first). Rows are named through the record index
-that every batch carries, so all hosts assemble the same arrays.
+Per source dataset, as the FashionMV release's evaluation builds them: the gallery is
+every source and target product of every row of that dataset's validation triplets
+whose folder holds images (is in `fashionmv/products`), encoded as a product
+document. That includes the products of rows that are no query because the other
+product has no images, so a missing image folder leaves one product out of the
+gallery, not its partner too. The queries are the rows whose two products have images,
+as two-stage dialogues (embedding q, last `<emb_all>`; s, first). Rows are named
+through the record index that every batch carries, so all hosts assemble the same
+arrays.
+
+One difference from the release: galleries are keyed by (source, product id), so an
+id named by two datasets sits in both galleries; the release keeps it only in the
+gallery of the first dataset whose row names it (a warning names such ids).
 """
 
 from __future__ import annotations
@@ -76,28 +84,54 @@ class Encoder:
 
 def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
                        sources: Sequence[str] = SOURCES):
-  """Per source: (gallery product keys, their records, joined query triplets)."""
+  """Per source: (gallery product keys, their records, joined query triplets).
+
+  The gallery holds every product with images of every row of the source, the
+  query rows' and the unusable rows' alike; the queries are the usable rows.
+  """
   products = fashionmv.Products(data_cfg.data_dir, split)
   triplets = fashionmv.Triplets(data_cfg.data_dir, split)
+  gallery: dict[str, set[fashionmv.ProductKey]] = {s: set() for s in sources}
+  for i in range(len(triplets)):
+    t = triplets[i]
+    if t.source in gallery:
+      gallery[t.source].update(
+          (t.source, pid) for pid, has in ((t.source_id, t.source_has_images),
+                                           (t.target_id, t.target_has_images))
+          if has)
+  _warn_shared_ids(gallery)
   out = {}
   for source in sources:
+    # Also checks every row's image flags against `products`, so the gallery above
+    # holds only products that are there.
     joined = fashionmv.JoinedTriplets(products, triplets, [source])
-    keys = set()
-    for i in range(len(triplets)):
-      t = triplets[i]
-      if t.source == source:
-        keys.update(k for k in ((source, t.source_id), (source, t.target_id))
-                    if k in products)
-    keys = sorted(keys)
+    keys = sorted(gallery[source])
     out[source] = (keys, products.select(keys), joined)
   return out
+
+
+def _warn_shared_ids(gallery: dict[str, set[fashionmv.ProductKey]]) -> None:
+  seen: dict[str, str] = {}
+  shared = []
+  for source, keys in gallery.items():
+    for _, pid in sorted(keys):
+      if pid in seen:
+        shared.append(f"{pid!r} ({seen[pid]}, {source})")
+      seen.setdefault(pid, source)
+  if shared:
+    logging.warning(
+        "%d product ids are in the galleries of two sources, e.g. %s. Each source "
+        "keeps its own product here; the release's evaluation keeps such an id only "
+        "in the gallery of the first dataset whose row names it, so recall on the "
+        "others may differ from its numbers.", len(shared), ", ".join(shared[:3]))
 
 
 def _nothing_to_evaluate(source: str, split: str, gallery: int, queries: int) -> str:
   folder = release.image_folder(source, split)
   return (f"the {split} build holds {gallery} gallery products and {queries} usable "
           f"queries of {source}: was images/{folder} absent or empty when the TFDS data "
-          f"was built? The build report counts what it dropped.")
+          f"was built? The build report lists the products without images and the "
+          f"triplets they make unusable.")
 
 
 def missing_sources(data_cfg: pipeline.DataConfig, split: str = "validation",
