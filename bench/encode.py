@@ -60,6 +60,7 @@ def load_config(views: int):
   from configs import procir_0_8b  # pylint: disable=g-import-not-at-top
   config = procir_0_8b.get_config()
   config.data.max_views = views
+  config.eval.max_views = views
   return config
 
 

@@ -262,9 +262,9 @@ class Planner:
     names = [n for n in ("query", "document", "source_caption", "target_caption",
                          "sft") if n in batch]
     flops = 3 * batch_forward_flops(self.cfg, batch, names)
-    if step == "sft":  # the LM head over the scored caption tokens
-      scored = np.minimum(batch["sft"]["loss_mask"].sum(1),
-                          config.loss.max_lm_tokens).sum()
+    lm = {"sft": "sft", "contrastive": "query"}[step]
+    if step == "sft" or config.procir.cot:  # the LM head over every target token
+      scored = batch[lm]["loss_mask"][:, 1:].sum()
       flops += 3 * 2 * self.cfg.text.hidden_size * self.cfg.text.vocab_size * scored
     shapes = "; ".join(f"{n} {describe(batch[n])}" for n in names)
     return trainer.lower(abstract(batch, self.mesh)), shapes, flops

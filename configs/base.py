@@ -16,7 +16,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | sft | eval | embed
+  c.mode = "train"  # train | sft | eval | embed | export
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       retrieval=1.0, align_source=0.5, align_document=0.5, cot=0.2,
-      temperature=0.05, learn_temperature=True, max_lm_tokens=32))
+      temperature=0.05, learn_temperature=True, lm_chunk_tokens=32))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=300, lr=1e-3, warmup_steps=30, final_lr_fraction=0.05,
@@ -72,6 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sft = ml_collections.ConfigDict(dict(steps=20, lr=1e-3, warmup_steps=5))
 
+  # mode=export: the trained model as a Hugging Face directory (procir_jax/export.py);
+  # dir empty: <workdir>/hf_export; checkpoint: best (by validation, when kept) or
+  # latest; dtype: bfloat16 (as Qwen3.5 ships) or float32.
+  c.export = ml_collections.ConfigDict(dict(
+      dir="", checkpoint="best", dtype="bfloat16", max_shard_gb=5.0))
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=0))
@@ -80,5 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   # with its top-10 overlap with exact; validation during training uses exact only.
   c.eval = ml_collections.ConfigDict(dict(
       split="validation", sources=("deepfashion", "f200k", "fashiongen"),
-      backends=("exact", "scann"), validation_sources=("deepfashion",)))
+      backends=("exact", "scann"), validation_sources=("deepfashion",),
+      # Views encoded per product, as the released evaluation does (up to 5, in file
+      # name order), whatever training uses.
+      max_views=5))
   return c

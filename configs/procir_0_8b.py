@@ -6,11 +6,17 @@ One host (GPU or TPU VM), from the repository root:
       --config.model.hf_dir=/path/to/Qwen3.5-0.8B \
       --config.data.manual_dir=/path/to/FashionMV
 
+Mechanisms: two-stage dialogue, caption alignment and chain-of-thought guidance, no SFT
+stage. The release presents SFT pre-training and chain of thought as two alternative
+knowledge-injection paths (its README: "SFT pre-training or Chain-of-Thought (CoT)"),
+the paper finds them partially redundant and names SFT an optional stage beside ProCIR's
+three core mechanisms; so this config takes the core path. `--config.procir.sft=True
+--config.procir.cot=False` takes the other (`configs/ablation.py` runs any of the 16).
+
 `model.hf_dir` is a local Qwen3.5-0.8B directory (config.json, safetensors, tokenizer,
 preprocessor_config.json); `data.manual_dir` is the FashionMV release laid out as the
 README's TFDS section says (data/*.jsonl and images/). The first run builds the TFDS
-dataset into <workdir>/tfds (or `data.data_dir`), then trains the SFT stage and the
-contrastive stage, validating on DeepFashion every `train.eval_every` steps and keeping
+dataset into <workdir>/tfds (or `data.data_dir`), then trains the contrastive stage, validating on DeepFashion every `train.eval_every` steps and keeping
 the best checkpoints by Average_R@10, and ends with the full evaluation
 (<workdir>/eval/results.json). Rerunning the same command resumes from the latest
 checkpoint.
@@ -56,7 +62,8 @@ def get_config():
   # Captions are ~50 tokens, queries and documents of 5 views a few hundred.
   c.data.lengths = (64, 128, 256, 320, 384, 512, 768, 1024, 1536)
   c.data.patches = (64, 144, 256, 400, 576, 784, 1024)
-  c.loss.update(dict(align_source=1.0, align_document=1.0, cot=1.0, max_lm_tokens=64))
+  c.procir.update(dict(two_stage=True, align=True, cot=True, sft=False))
+  c.loss.update(dict(align_source=1.0, align_document=1.0, cot=1.0, lm_chunk_tokens=64))
   c.train.update(dict(steps=6000, lr=2e-5, warmup_steps=300, weight_decay=0.05,
                       log_every=50, eval_every=1000, checkpoint_every=500,
                       max_to_keep=3, freeze=()))

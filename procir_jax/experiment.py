@@ -15,7 +15,7 @@ import ml_collections
 
 from procir_jax import procir as procir_lib
 from procir_jax import tiny_model
-from procir_jax.data import bucketing, examples, pipeline
+from procir_jax.data import bucketing, examples, fashionmv, pipeline
 from procir_jax.data import tokenizer as tok
 from procir_jax.eval import encode as encode_lib
 from procir_jax.data.image_processing import ImageProcessor
@@ -25,6 +25,10 @@ from procir_jax.train import loop as loop_lib
 from procir_jax import sharding
 from procir_jax.train import optimizer as opt_lib
 from procir_jax.train import step as step_lib
+
+
+# What validation during training reports and keeps the best checkpoints by.
+VALIDATION_METRIC = "Average_R@10"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +84,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Paths:
 
 
 def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = None,
+                max_views: int | None = None,
                 mesh: jax.sharding.Mesh | None = None) -> pipeline.DataConfig:
-  """The pipeline's settings for batches that `mesh` will split (None: one device)."""
+  """The pipeline's settings for batches that `mesh` will split (None: one device).
+
+  `cot` and `max_views` override the config's (the evaluation encodes without
+  reasoning and with `eval.max_views`)."""
   p = config.procir
+  views = config.data.max_views if max_views is None else max_views
   return pipeline.DataConfig(
       data_dir=paths.data_dir, model_dir=paths.model_dir, global_batch_size=batch_size,
       seed=config.seed, worker_count=config.data.worker_count,
@@ -90,10 +99,10 @@ def data_config(config, paths: Paths, *, batch_size: int, cot: bool | None = Non
       skip_bad_examples=config.data.skip_bad_examples,
       buckets=bucketing.Buckets(lengths=tuple(config.data.lengths),
                                 patches=tuple(config.data.patches),
-                                max_images=config.data.max_views),
+                                max_images=views),
       options=examples.ExampleOptions(
           two_stage=p.two_stage, align=p.align, cot=p.cot if cot is None else cot,
-          query_text=config.data.query_text, max_views=config.data.max_views),
+          query_text=config.data.query_text, max_views=views),
       image_groups=sharding.local_batch_shards(mesh) if mesh is not None else 1)
 
 
@@ -139,7 +148,7 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
       mode=mode, cot=config.procir.cot, skip_nonfinite=config.train.skip_nonfinite)
   checkpointer = ckpt_lib.Checkpointer(
       str(paths.workdir / "checkpoints" / name), max_to_keep=config.train.max_to_keep,
-      best_metric="Average_R@10" if validate else None)
+      best_metric=VALIDATION_METRIC if validate else None)
   state = loop_lib.train(
       trainer, loader, checkpointer,
       loop_lib.LoopConfig(steps=steps, log_every=config.train.log_every,
@@ -166,7 +175,8 @@ def check_evaluation_data(config, paths: Paths, *, validating: bool) -> None:
   """Before any training or encoding: names the sources the build holds nothing to
   evaluate for (the evaluation leaves them out), and stops when nothing is left."""
   eval_backends(config)  # a bad value stops here, not after training
-  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False)
+  dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
+                     max_views=config.eval.max_views)
   sources = tuple(config.eval.sources)
   missing = encode_lib.missing_sources(dcfg, config.eval.split, sources)
   for source, why in missing.items():
@@ -233,15 +243,16 @@ def eval_backends(config) -> tuple[str, ...]:
 def evaluate(config, paths: Paths, graphdef, params, mesh,
              sources=None, backends=None, write: bool = True,
              encoder: encode_lib.Encoder | None = None) -> dict[str, float]:
-  """The released protocol on the validation split: results.json, table, npz.
+  """The released protocol on the validation split: results.json, table, npz,
+  report.html.
 
   `backends` defaults to `config.eval.backends`."""
-  from procir_jax.eval import recall, report
+  from procir_jax.eval import recall, report, report_html
 
   backends = eval_backends(config) if backends is None else backends
 
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
-                     mesh=mesh)
+                     max_views=config.eval.max_views, mesh=mesh)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split,
                                           sources or config.eval.sources, encoder)
@@ -249,12 +260,14 @@ def evaluate(config, paths: Paths, graphdef, params, mesh,
     return recall.evaluate(embeddings, backends=backends).results_json("exact")
   results = None
   if jax.process_index() == 0:
+    # Views for report.html's example queries, read only for the products shown.
+    views = report_html.product_views(fashionmv.Products(paths.data_dir,
+                                                         config.eval.split))
     results = report.evaluate_and_write(paths.workdir / "eval", embeddings,
-                                        backends=backends)
-    for e in embeddings:
-      if len(e.gallery_ids):
-        print(f"  chance R@10 on {recall.display_name(e.dataset)}'s gallery of "
-              f"{len(e.gallery_ids)}: {min(100.0, 1000.0 / len(e.gallery_ids)):.1f}")
+                                        backends=backends, views=views)
+    for d in results.datasets:
+      print(f"  chance R@10 on {d.name}'s gallery of {d.num_gallery}: "
+            f"{recall.chance_recall(10, d.num_gallery):.1f}")
     print(f"Results in {paths.workdir / 'eval'}")
     return results.results_json("exact")
   return {}
@@ -269,12 +282,16 @@ def run_sft(config, workdir: str) -> None:
                name="sft")
 
 
-def load_trained(config, workdir: str):
-  """(paths, mesh, graphdef, params): the model, with the latest trained state.
+def load_trained(config, workdir: str, *, which: str = "latest"):
+  """(paths, mesh, graphdef, params): the model, with its trained state.
 
   The state comes from `model.checkpoint` when set, else from the workdir's own
   contrastive checkpoints when there are any, else the model directory as it is.
+  `which`: "latest", or "best" by validation when checkpoints kept validation
+  metrics (else the latest).
   """
+  if which not in ("latest", "best"):
+    raise ValueError(f"which checkpoint: 'latest' or 'best', got {which!r}.")
 
   paths = prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -282,14 +299,19 @@ def load_trained(config, workdir: str):
   graphdef, params = nnx.split(procir, nnx.Param)
   directory = config.model.checkpoint or str(paths.workdir / "checkpoints" /
                                              "contrastive")
-  checkpointer = ckpt_lib.Checkpointer(directory) if (
+  checkpointer = ckpt_lib.Checkpointer(directory, best_metric=VALIDATION_METRIC) if (
       epath.Path(directory).exists()) else None
   if checkpointer is not None and checkpointer.latest_step() is not None:
     trainer = step_lib.Trainer(procir, opt_lib.make_optimizer(config.train, params),
                                mesh, loss_config(config), mode="contrastive")
-    step, restored = checkpointer.restore(None, trainer.abstract_state().as_dict())
+    best = checkpointer.best_step() if which == "best" else None
+    if which == "best" and best is None:
+      logging.info("No checkpoint in %s kept validation metrics: taking the latest.",
+                   directory)
+    step, restored = checkpointer.restore(best, trainer.abstract_state().as_dict())
     params = restored["params"]
-    logging.info("Using the trained state of step %d from %s.", step, directory)
+    logging.info("Using the trained state of step %d from %s%s.", step, directory,
+                 f" (best {VALIDATION_METRIC})" if best is not None else "")
   elif config.model.checkpoint:
     raise FileNotFoundError(f"model.checkpoint={directory} holds no checkpoint.")
   if checkpointer is not None:
@@ -310,7 +332,7 @@ def run_embed(config, workdir: str) -> None:
 
   paths, mesh, graphdef, params = load_trained(config, workdir)
   dcfg = data_config(config, paths, batch_size=config.data.eval_batch_size, cot=False,
-                     mesh=mesh)
+                     max_views=config.eval.max_views, mesh=mesh)
   embeddings = encode_lib.encode_datasets(params, graphdef, mesh, dcfg,
                                           config.eval.split, config.eval.sources)
   if jax.process_index() == 0:
@@ -319,3 +341,21 @@ def run_embed(config, workdir: str) -> None:
                                     e)
       print(f"{e.dataset}: {len(e.gallery_ids)} gallery products, {len(e.q)} queries "
             f"-> {path}")
+
+
+def run_export(config, workdir: str) -> str:
+  """Writes the trained model as a Hugging Face directory (see `export`)."""
+  from procir_jax import export as export_lib
+
+  paths, mesh, graphdef, params = load_trained(config, workdir,
+                                               which=config.export.checkpoint)
+  procir = nnx.merge(graphdef, params)
+  out_dir = config.export.dir or str(paths.workdir / "hf_export")
+  out = export_lib.export(procir.model, paths.model_dir, out_dir,
+                          dtype=config.export.dtype,
+                          max_shard_gb=config.export.max_shard_gb)
+  if jax.process_index() == 0:
+    print(f"Exported to {out}: load it with transformers' "
+          f"Qwen3_5ForConditionalGeneration.from_pretrained and AutoProcessor, or "
+          f"use it as --config.model.hf_dir.")
+  return str(out)

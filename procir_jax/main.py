@@ -3,7 +3,7 @@
   python -m procir_jax.main --config=configs/base.py --workdir=workdir/base
 
 Modes (`--config.mode`): train (SFT stage if enabled, contrastive training, then the
-evaluation), sft, eval, embed. Every config value can be overridden on the command
+evaluation), sft, eval, embed, export (the trained model as a Hugging Face directory). Every config value can be overridden on the command
 line, e.g. `--config.train.steps=1000 --config.data.global_batch_size=64`.
 """
 
@@ -47,7 +47,8 @@ def main(argv):
   from procir_jax import experiment  # after distributed initialisation
 
   modes = {"train": experiment.run_train, "sft": experiment.run_sft,
-           "eval": experiment.run_eval, "embed": experiment.run_embed}
+           "eval": experiment.run_eval, "embed": experiment.run_embed,
+           "export": experiment.run_export}
   if config.mode not in modes:
     raise app.UsageError(f"config.mode must be one of {sorted(modes)}, got "
                          f"{config.mode!r}.")

@@ -34,7 +34,9 @@ class LossConfig:
   cot: float = 1.0  # used when queries carry reasoning (cot on)
   temperature: float = 0.05
   learn_temperature: bool = True
-  max_lm_tokens: int = 64  # reasoning/answer tokens scored per sequence (static)
+  # The LM losses score every target token, projecting onto the vocabulary this many
+  # tokens at a time (a static shape); chunks holding no target token are skipped.
+  lm_chunk_tokens: int = 64
 
 
 class ProCIR(nnx.Module):
@@ -79,23 +81,42 @@ def info_nce(queries: jax.Array, keys: jax.Array, temperature: jax.Array,
 
 
 def lm_loss(model: Qwen3_5Model, hidden: jax.Array, input_ids: jax.Array,
-            loss_mask: jax.Array, max_tokens: int) -> jax.Array:
-  """Next-token loss on the tokens `loss_mask` marks.
+            loss_mask: jax.Array, chunk_tokens: int) -> jax.Array:
+  """Mean next-token loss over every token `loss_mask` marks.
 
-  Only up to `max_tokens` marked tokens per row are scored, so the vocabulary
-  projection runs on [B, max_tokens] states rather than the whole sequence.
+  The marked positions are packed to the front of each row and projected onto the
+  vocabulary `chunk_tokens` at a time, so the [B, chunk, vocab] logits are the
+  largest array, whatever the target length. A chunk that holds no marked token in
+  any row is skipped at run time, so the cost follows the longest target in the
+  batch; each chunk's logits are recomputed in the backward pass, not stored.
   """
   target_mask = loss_mask[:, 1:]
-  positions = jax.vmap(lambda m: jnp.nonzero(m, size=max_tokens, fill_value=0)[0])(
-      target_mask)
-  scored = jnp.take_along_axis(target_mask, positions, axis=1)
+  batch, length = target_mask.shape
+  chunks = -(-length // chunk_tokens)
+  positions = jax.vmap(
+      lambda m: jnp.nonzero(m, size=chunks * chunk_tokens, fill_value=0)[0])(
+          target_mask)
+  counts = target_mask.sum(axis=1)
+  scored = jnp.arange(chunks * chunk_tokens)[None, :] < counts[:, None]
   states = jnp.take_along_axis(hidden[:, :-1], positions[..., None], axis=1)
   targets = jnp.take_along_axis(input_ids[:, 1:], positions, axis=1)
-  logits = model.lm_logits(states).astype(jnp.float32)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None],
-                             axis=-1)[..., 0]
-  weight = scored.astype(jnp.float32)
-  return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+  @jax.checkpoint
+  def chunk_nll(states, targets, weight):
+    logits = model.lm_logits(states).astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None],
+                               axis=-1)[..., 0]
+    return (nll * weight).sum()
+
+  total = jnp.float32(0)
+  # A Python loop, not a scan: XLA's cost analysis then counts every chunk.
+  for c in range(chunks):
+    part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
+    weight = scored[:, part].astype(jnp.float32)
+    total += jax.lax.cond(
+        weight.any(), chunk_nll, lambda *_: jnp.float32(0),
+        states[:, part], targets[:, part], weight)
+  return total / jnp.maximum(counts.sum().astype(jnp.float32), 1.0)
 
 
 def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig,
@@ -124,7 +145,7 @@ def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
   if cot:
     out["cot"] = lm_loss(procir.model, query_hidden, batch["query"]["input_ids"],
                          batch["query"]["loss_mask"] & valid[:, None],
-                         cfg.max_lm_tokens)
+                         cfg.lm_chunk_tokens)
   return out
 
 
@@ -134,7 +155,7 @@ def sft_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
   hidden = encoder.encode(procir.model, part, procir.pixel_norm)
   return {"sft": lm_loss(procir.model, hidden, part["input_ids"],
                          part["loss_mask"] & batch["valid"][:, None],
-                         cfg.max_lm_tokens)}
+                         cfg.lm_chunk_tokens)}
 
 
 LOSS_TERMS = ("retrieval", "align_source", "align_document", "cot", "sft")

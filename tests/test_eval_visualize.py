@@ -2,6 +2,7 @@
 
 import glob
 import html.parser
+import io
 import os
 
 import numpy as np
@@ -84,3 +85,11 @@ def test_bad_views_are_reported():
     visualize.to_image(np.zeros((4, 4, 3), np.float32))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     visualize.to_image("no/such/view.jpg")
+
+
+def test_views_may_be_encoded_bytes():
+  # As fashionmv.Product.views holds them: the evaluation page passes them on.
+  buf = io.BytesIO()
+  Image.fromarray(np.full((12, 8, 3), 40, np.uint8)).save(buf, format="PNG")
+  image = visualize.to_image(buf.getvalue())
+  assert image.size == (8, 12) and image.getpixel((0, 0)) == (40, 40, 40)

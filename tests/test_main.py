@@ -20,13 +20,27 @@ def _small(config):
   config.data.global_batch_size = 8
   config.data.eval_batch_size = 8
   config.data.max_views = 2
+  config.eval.max_views = 2
   config.train.update(dict(steps=2, warmup_steps=1, log_every=1))
   config.sft.update(dict(steps=1, warmup_steps=0))
   return config
 
 
-def test_train_mode_writes_results(tmp_path, capsys):
-  metrics = experiment.run_train(_small(base.get_config()), str(tmp_path))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, metrics, stdout) of one short training run, shared by the tests."""
+  import contextlib
+  import io
+
+  workdir = tmp_path_factory.mktemp("trained")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    metrics = experiment.run_train(_small(base.get_config()), str(workdir))
+  return workdir, metrics, out.getvalue()
+
+
+def test_train_mode_writes_results(trained):
+  tmp_path, metrics, out = trained
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   keys = {f"{d}_R@{k}" for d in ("DeepFashion", "Fashion200K", "FashionGen-val")
           for k in (1, 5, 10)} | {"Average_R@5", "Average_R@10"}
@@ -36,11 +50,58 @@ def test_train_mode_writes_results(tmp_path, capsys):
     assert (tmp_path / "eval" / "embeddings" / f"{name}.npz").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
       "contrastive", "sft"]
-  out = capsys.readouterr().out
   assert "Average" in out and "chance R@10" in out
   # config.eval.backends: exact, then ScaNN beside it.
   table = (tmp_path / "eval" / "results.txt").read_text()
   assert "\nScaNN\n" in table
+  # The page to look at: a curve per dataset and backend, examples with views.
+  page = (tmp_path / "eval" / "report.html").read_text()
+  assert page.count('class="curve"') == 3 * 2 and "data:image/jpeg" in page
+
+
+def test_export_is_a_hugging_face_directory_of_the_trained_model(trained, tmp_path):
+  """mode=export writes the trained state where transformers and this project load
+  it: transformers' hidden states equal the trained model's, and the directory is
+  again a model directory (same parameters, tokenizer with <emb_all>, processors)."""
+  from flax import nnx
+  import numpy as np
+  import transformers
+
+  from procir_jax.data import tokenizer as tok
+  from procir_jax.models.qwen3_5 import load_pretrained, param_paths
+  from tests.test_tiny_model import assert_same_hidden_states_as_transformers
+
+  workdir, _, _ = trained
+  config = _small(base.get_config())
+  config.export.update(dict(dir=str(tmp_path / "hf"), dtype="float32"))
+  out = pathlib.Path(experiment.run_export(config, str(workdir)))
+  names = {p.name for p in out.iterdir()}
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+          "chat_template.jinja", "preprocessor_config.json",
+          "video_preprocessor_config.json", "processor_config.json"} <= names
+  _, _, graphdef, params = experiment.load_trained(config, str(workdir))
+  trained_model = nnx.merge(graphdef, params).model
+  exported = load_pretrained(str(out))
+  ours, theirs = param_paths(trained_model), param_paths(exported)
+  assert sorted(ours) == sorted(theirs)
+  for name in ours:
+    np.testing.assert_array_equal(np.asarray(ours[name][...]),
+                                  np.asarray(theirs[name][...]), err_msg=name)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert tok.EMB_TOKEN in tokenizer.get_vocab()
+  assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                       tokenize=False).startswith(tok.IM_START)
+  preprocessor = json.loads((out / "preprocessor_config.json").read_text())
+  assert preprocessor["processor_class"] == "Qwen3VLProcessor"
+  assert preprocessor["size"] == {"shortest_edge": 128 * 128,
+                                  "longest_edge": 512 * 512}
+  assert_same_hidden_states_as_transformers(out, trained_model)
+  # Exported again into the same place, in bf16 and shards: old shards do not stay.
+  config.export.update(dict(dtype="bfloat16", max_shard_gb=1e-4))
+  experiment.run_export(config, str(workdir))
+  shards = sorted(p.name for p in out.glob("model*.safetensors"))
+  assert len(shards) > 1 and "model.safetensors" not in shards
+  assert load_pretrained(str(out)).config == exported.config
 
 
 def test_command_line_rejects_unknown_modes(tmp_path):

@@ -33,7 +33,10 @@ def test_directory_holds_a_qwen3_5_checkpoint(model_dir):
   assert tok.EMB_TOKEN in tokenizer.get_vocab()
 
 
-def test_same_hidden_states_as_transformers_on_a_product_dialogue(model_dir):
+def assert_same_hidden_states_as_transformers(model_dir, ours=None):
+  """transformers' Qwen3.5 loaded from `model_dir` gives `ours`'s hidden states (by
+  default the model this project loads from the same directory) on a two-stage
+  query with two views, through the whole input path."""
   tokenizer = tok.load_tokenizer(str(model_dir))
   processor = ImageProcessor.from_pretrained(str(model_dir))
   rng = np.random.default_rng(0)
@@ -44,7 +47,8 @@ def test_same_hidden_states_as_transformers_on_a_product_dialogue(model_dir):
       [processor.num_image_tokens(*im.shape[:2]) for im in images], "make it blue")
   ids = tokens.input_ids[None]
 
-  ours = load_pretrained(str(model_dir), dtype=jnp.float32)
+  if ours is None:
+    ours = load_pretrained(str(model_dir), dtype=jnp.float32)
   hidden = np.asarray(ours(input_ids=ids, attention_mask=np.ones_like(ids),
                            pixel_values=processed.pixel_values,
                            image_grid_thw=processed.image_grid_thw))
@@ -61,6 +65,10 @@ def test_same_hidden_states_as_transformers_on_a_product_dialogue(model_dir):
   np.testing.assert_allclose(hidden, expected, atol=1e-4 * scale)
   # The embeddings ProCIR reads sit at the <emb_all> positions.
   assert hidden[0, tokens.emb_positions].shape == (2, ours.config.text.hidden_size)
+
+
+def test_same_hidden_states_as_transformers_on_a_product_dialogue(model_dir):
+  assert_same_hidden_states_as_transformers(model_dir)
 
 
 def test_unknown_preset_is_refused(tmp_path):

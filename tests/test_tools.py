@@ -11,6 +11,7 @@ from procir_jax import experiment
 
 REPO = pathlib.Path(__file__).parents[1]
 OVERRIDES = ["--config.model.tiny_preset=test", "--config.data.max_views=2",
+             "--config.eval.max_views=2",
              "--config.data.synthetic.train_products=6",
              "--config.data.synthetic.train_triplets=6",
              "--config.data.synthetic.val_products=6",

@@ -32,6 +32,7 @@ def _config(data_dir, model_dir, arg="two_stage=1,align=1,cot=1,sft=1", **train)
   c.data.data_dir = str(data_dir)
   c.data.global_batch_size = 8
   c.data.max_views = 2
+  c.eval.max_views = 2
   c.train.update(dict(steps=2, warmup_steps=1, log_every=1, checkpoint_every=100),
                  **train)
   return c

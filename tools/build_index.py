@@ -42,7 +42,7 @@ def _from_model():
   config = _CONFIG.value
   paths, mesh, graphdef, params = experiment.load_trained(config, _WORKDIR.value)
   dcfg = experiment.data_config(config, paths, batch_size=config.data.eval_batch_size,
-                                cot=False, mesh=mesh)
+                                cot=False, max_views=config.eval.max_views, mesh=mesh)
   products = fashionmv.Products(paths.data_dir, _SPLIT.value)
   keys = [k for k in products.keys() if _SOURCE.value in (None, k[0])]
   records = products.select(keys)

@@ -56,7 +56,8 @@ def main(argv):
     raise app.UsageError("Give the query as --image_dir or as --product_id.")
   config = _CONFIG.value
   paths, mesh, graphdef, params = experiment.load_trained(config, _WORKDIR.value)
-  dcfg = experiment.data_config(config, paths, batch_size=1, cot=False)
+  dcfg = experiment.data_config(config, paths, batch_size=1, cot=False,
+                                max_views=config.eval.max_views)
   builder, _ = pipeline.make_builder(dcfg)
   products = fashionmv.Products(paths.data_dir, _SPLIT.value)
 

@@ -182,6 +182,7 @@ def encode_datasets(params, graphdef, mesh, data_cfg: pipeline.DataConfig,
                  else np.zeros((0, dim), np.float32)),
         source_ids=[t.source_id for t in trip],
         target_ids=[t.target_id for t in trip],
+        texts=[t.texts[data_cfg.options.query_text] for t in trip],
         q=np.stack([queries[i][-1] for i in rows]),
         s=np.stack([queries[i][0] for i in rows]),
         skipped=skipped + skipped_q))

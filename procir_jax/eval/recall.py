@@ -43,6 +43,10 @@ from procir_jax.eval import search
 KS = (1, 5, 10)
 AVERAGED_KS = (5, 10)
 OVERLAP_K = 10
+# Rankings are kept this deep, for recall@k curves. Their first 10 columns are
+# what a top-10 search returns: exact search is deterministic, and ScaNN
+# rescores max(reorder_num_neighbors, k) candidates, 250 unless set lower.
+CURVE_DEPTH = 50
 
 # Source keys (as in the TFDS builder and the release) -> reported names.
 DISPLAY_NAMES = {
@@ -58,6 +62,17 @@ _RELEASE_KEYS = {"fashiongen": "fashiongen_val"}
 def display_name(dataset: str) -> str:
   """"deepfashion" -> "DeepFashion"; unknown names are kept as given."""
   return DISPLAY_NAMES.get(dataset, dataset)
+
+
+def chance_recall(k: int, gallery_size: int) -> float:
+  """Recall@k in percent of a uniformly random ranking of the gallery.
+
+  The target is one of `gallery_size` rows, so it lands in the top k with
+  probability min(k, gallery_size) / gallery_size.
+  """
+  if gallery_size <= 0:
+    return float("nan")
+  return 100.0 * min(k, gallery_size) / gallery_size
 
 
 def release_order(datasets: Iterable[str]) -> list[str]:
@@ -101,6 +116,8 @@ class DatasetEmbeddings:
     s: float32 [Q, D] source embeddings (first turn).
     skipped: examples the encoder could not encode (messages naming the
       product), reported with the results.
+    texts: [Q] modification text of each query, or empty when not recorded
+      (only the results page reads them).
   """
 
   dataset: str
@@ -111,6 +128,7 @@ class DatasetEmbeddings:
   q: np.ndarray
   s: np.ndarray
   skipped: Sequence[str] = ()
+  texts: Sequence[str] = ()
 
   def __post_init__(self):
     self.dataset = str(self.dataset)
@@ -118,6 +136,9 @@ class DatasetEmbeddings:
       raise ValueError(f"bad dataset name {self.dataset!r}")
     what = f"{self.dataset}:"
     self.skipped = [str(x) for x in self.skipped]
+    self.texts = [v.decode() if isinstance(v, bytes) else str(v) for v in
+                  (self.texts.tolist() if isinstance(self.texts, np.ndarray)
+                   else self.texts)]
     self.gallery_ids = _ids(self.gallery_ids, f"{what} gallery_ids")
     self.source_ids = _ids(self.source_ids, f"{what} source_ids")
     self.target_ids = _ids(self.target_ids, f"{what} target_ids")
@@ -125,6 +146,9 @@ class DatasetEmbeddings:
     if len(self.target_ids) != num_queries:
       raise ValueError(f"{what} {num_queries} source_ids but "
                        f"{len(self.target_ids)} target_ids")
+    if self.texts and len(self.texts) != num_queries:
+      raise ValueError(f"{what} {num_queries} queries but {len(self.texts)} "
+                       "texts")
     self.q = _matrix(self.q, num_queries, f"{what} q", None)
     dim = self.q.shape[1] if num_queries else None
     self.s = _matrix(self.s, num_queries, f"{what} s", dim)
@@ -150,7 +174,8 @@ class DatasetEmbeddings:
                gallery=get("gallery"),
                source_ids=get("source_ids", "query_source_ids"),
                target_ids=get("target_ids", "query_target_ids"),
-               q=get("q"), s=get("s"), skipped=get("skipped", default=()))
+               q=get("q"), s=get("s"), skipped=get("skipped", default=()),
+               texts=get("texts", default=()))
 
   @property
   def name(self) -> str:
@@ -228,6 +253,30 @@ def assemble(data: DatasetEmbeddings) -> EvalGallery:
       targets=np.asarray(targets, np.int64), dropped_target_ids=dropped)
 
 
+@dataclasses.dataclass
+class Rankings:
+  """What the search backends returned for one dataset's evaluated queries.
+
+  Attributes:
+    gallery_ids: [N] product id of each gallery row (`EvalGallery.ids`).
+    query_rows: [M] rows of the dataset's queries that are evaluated.
+    targets: [M] gallery row of each evaluated query's target.
+    rows: backend -> int64 [M, depth] gallery rows, best first (-1: empty).
+    scores: backend -> float32 [M, depth] their cosine scores.
+  """
+
+  gallery_ids: list[str]
+  query_rows: np.ndarray
+  targets: np.ndarray
+  rows: dict[str, np.ndarray]
+  scores: dict[str, np.ndarray]
+
+  def target_ranks(self, backend: str) -> np.ndarray:
+    """[M] 1-based rank of each target within the kept depth, 0 if beyond."""
+    found = self.rows[backend] == self.targets[:, None]
+    return np.where(found.any(axis=1), found.argmax(axis=1) + 1, 0)
+
+
 def hits_at_k(ranked: np.ndarray, targets: np.ndarray,
               ks: Sequence[int] = KS) -> dict[int, int]:
   """Queries whose target is among the first k of their ranked gallery rows."""
@@ -279,6 +328,7 @@ class DatasetResult:
     scann_overlap: mean share of the exact top-10 that ScaNN returns.
     scann_settings: the resolved ScaNN settings used.
     skipped: examples the encoder skipped.
+    rankings: each backend's top `CURVE_DEPTH` results, for reports.
   """
 
   dataset: str
@@ -297,6 +347,8 @@ class DatasetResult:
   scann_overlap: float | None = None
   scann_settings: dict[str, Any] | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
+  rankings: Rankings | None = dataclasses.field(default=None, repr=False,
+                                                compare=False)
 
   def counts(self) -> dict[str, int]:
     return dict(gallery=self.num_gallery, documents=self.num_documents,
@@ -396,19 +448,20 @@ def evaluate_dataset(data: DatasetEmbeddings,
         f"{len(g.reused_source_ids)} reused sources), e.g. target "
         f"{g.dropped_target_ids[0]!r}; check that the gallery ids are the "
         "product ids the triplets use")
-  depth = max(max(ks), OVERLAP_K)
-  ranked, recall, hits = {}, {}, {}
+  depth = max(max(ks), OVERLAP_K, CURVE_DEPTH)
+  ranked, scores, recall, hits = {}, {}, {}, {}
   scann_settings_used = None
   for backend in backends:
     if not len(g.query_rows):
       ranked[backend] = np.zeros((0, 0), np.int64)
+      scores[backend] = np.zeros((0, 0), np.float32)
     elif backend == "exact":
       index = search.ExactSearch(g.vectors, g.ids, **(exact_kwargs or {}))
-      ranked[backend] = index.search(g.queries, depth)[0]
+      ranked[backend], scores[backend] = index.search(g.queries, depth)
     else:
       index = search.ScannSearch(g.vectors, g.ids, settings=scann_settings)
       scann_settings_used = index.settings.to_dict()
-      ranked[backend] = index.search(g.queries, depth)[0]
+      ranked[backend], scores[backend] = index.search(g.queries, depth)
     hits[backend] = hits_at_k(ranked[backend], g.targets, ks)
     recall[backend] = {k: recall_percent(hits[backend][k], len(g.query_rows))
                        for k in ks}
@@ -424,7 +477,8 @@ def evaluate_dataset(data: DatasetEmbeddings,
       num_dropped=len(g.dropped_target_ids),
       dropped_target_ids=g.dropped_target_ids,
       reused_source_ids=g.reused_source_ids, scann_overlap=overlap,
-      scann_settings=scann_settings_used, skipped=list(data.skipped))
+      scann_settings=scann_settings_used, skipped=list(data.skipped),
+      rankings=Rankings(g.ids, g.query_rows, g.targets, ranked, scores))
 
 
 def evaluate(datasets: Iterable[DatasetEmbeddings] | Mapping[str, Any],

@@ -9,10 +9,14 @@
                           backend's recall and hits, the ScaNN top-10 overlap
                           with exact search and the ScaNN settings
   results.txt             the table that is also printed
+  report.html             the table with chance levels, recall@k curves and
+                          example queries with their views (report_html.py)
   embeddings/<dataset>.npz
                           gallery_ids, gallery, source_ids, target_ids, q, s
                           (float32 vectors as encoded, before normalisation),
-                          skipped (encoder skip messages)
+                          skipped (encoder skip messages), texts (the queries'
+                          modification texts; empty when not recorded, and
+                          absent from older files, which still load)
 
 and `recompute(out_dir)` evaluates those npz files again, so anyone holding the
 directory can check the numbers:
@@ -32,10 +36,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from procir_jax.eval import recall
+from procir_jax.eval import report_html
 
 RESULTS_FILE = "results.json"
 DETAILS_FILE = "results_details.json"
 TABLE_FILE = "results.txt"
+HTML_FILE = "report.html"
 EMBEDDINGS_DIR = "embeddings"
 NPZ_FORMAT_VERSION = 1
 _NPZ_KEYS = ("gallery_ids", "gallery", "source_ids", "target_ids", "q", "s")
@@ -48,6 +54,10 @@ def _atomic_write(path: str, write) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    # mkstemp makes the file private; results are as readable as any file written.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -86,7 +96,8 @@ def save_embeddings(path, data: recall.DatasetEmbeddings) -> str:
       target_ids=np.asarray(data.target_ids, dtype=str),
       q=np.asarray(data.q, np.float32),
       s=np.asarray(data.s, np.float32),
-      skipped=np.asarray(data.skipped, dtype=str))
+      skipped=np.asarray(data.skipped, dtype=str),
+      texts=np.asarray(data.texts, dtype=str))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   _atomic_write(path, lambda f: np.savez(f, **arrays))
   return path
@@ -114,6 +125,7 @@ def load_embeddings(path) -> recall.DatasetEmbeddings:
     return recall.DatasetEmbeddings(
         dataset=str(arrays["dataset"]),
         skipped=arrays.get("skipped", np.zeros(0, str)).tolist(),
+        texts=arrays.get("texts", np.zeros(0, str)).tolist(),
         **{k: arrays[k] for k in _NPZ_KEYS})
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
@@ -186,28 +198,44 @@ def format_table(results: recall.EvalResults) -> str:
   return "\n".join(lines)
 
 
+def write_html(out_dir, results: recall.EvalResults,
+               data: Iterable[recall.DatasetEmbeddings] | None = None,
+               views: report_html.DatasetViews | None = None,
+               **options) -> str:
+  """Writes report.html (see report_html.render for `views` and `options`)."""
+  path = os.path.join(os.fspath(out_dir), HTML_FILE)
+  page = report_html.render(results, data, views, **options)
+  _atomic_write(path, lambda f: f.write(page.encode()))
+  return path
+
+
 def write_report(out_dir, results: recall.EvalResults,
                  data: Iterable[recall.DatasetEmbeddings] | Mapping[str, Any]
-                 | None = None, *,
-                 echo: bool = True) -> dict[str, Any]:
-  """Writes results.json, results_details.json, results.txt and the npz files.
+                 | None = None, *, echo: bool = True,
+                 views: report_html.DatasetViews | None = None
+                 ) -> dict[str, Any]:
+  """Writes results.json, results_details.json, results.txt, the npz files
+  and report.html.
 
   Args:
     out_dir: output directory (created if needed).
     results: from `recall.evaluate`.
     data: the embeddings behind `results`, saved to embeddings/<dataset>.npz
-      (left out if None).
+      (left out if None; the page's examples need them).
     echo: print the table.
+    views: dataset -> its product views, for the page (None: ids only).
 
   Returns:
-    {"results": path, "details": path, "table": path, "embeddings": [paths]}.
+    {"results": path, "details": path, "table": path, "html": path,
+     "embeddings": [paths]}.
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   paths: dict[str, Any] = {"embeddings": []}
   if isinstance(data, Mapping):
     data = [recall.DatasetEmbeddings.coerce(k, v) for k, v in data.items()]
-  for item in data or ():
+  data = list(data or ())
+  for item in data:
     paths["embeddings"].append(save_embeddings(
         os.path.join(out_dir, EMBEDDINGS_DIR, f"{item.dataset}.npz"), item))
   backend = "exact" if "exact" in results.backends else results.backends[0]
@@ -221,13 +249,16 @@ def write_report(out_dir, results: recall.EvalResults,
   _atomic_write(paths["table"], lambda f: f.write((table + "\n").encode()))
   if echo:
     print(table)
+  # Last: the numbers are on disk even if a product's views fail to render.
+  paths["html"] = write_html(out_dir, results, data, views)
   return paths
 
 
 def evaluate_and_write(out_dir, data: Sequence[recall.DatasetEmbeddings]
                        | Mapping[str, Any],
                        backends: Sequence[str] = ("exact", "scann"),
-                       scann_settings=None, echo: bool = True
+                       scann_settings=None, echo: bool = True,
+                       views: report_html.DatasetViews | None = None
                        ) -> recall.EvalResults:
   """`recall.evaluate` then `write_report`, embeddings included."""
   if isinstance(data, Mapping):
@@ -235,7 +266,7 @@ def evaluate_and_write(out_dir, data: Sequence[recall.DatasetEmbeddings]
   data = list(data)
   results = recall.evaluate(data, backends=backends,
                             scann_settings=scann_settings)
-  write_report(out_dir, results, data, echo=echo)
+  write_report(out_dir, results, data, echo=echo, views=views)
   return results
 
 

@@ -16,8 +16,10 @@ views), `write_results_page` writes
       product_ids=ids[0], scores=scores[0], views=product_views,
       target_id="id_00004544", name="query_0007")
 
-Views are uint8 arrays (HxW, HxWx1, HxWx3 or HxWx4) or image file paths;
-`views` maps a product id to its views, as a dict or a callable.
+Views are uint8 arrays (HxW, HxWx1, HxWx3 or HxWx4), image file paths or
+encoded image bytes; `views` maps a product id to its views, as a dict or a
+callable. The HTML pieces (`ImageStore`, `load_row`, `row_html`, `query_html`,
+`page_html`) are shared with the evaluation's report page (report_html.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from PIL import ImageDraw
 from PIL import ImageFont
 from PIL import ImageOps
 
-ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image]
+ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image, bytes]
 ViewSource = Union[Mapping[str, Sequence[ImageLike]],
                    Callable[[str], Sequence[ImageLike]]]
 
@@ -50,9 +52,14 @@ _PLACEHOLDER = (226, 229, 233)
 
 
 def to_image(view: ImageLike) -> Image.Image:
-  """An RGB PIL image from a uint8 array, a PIL image or an image file path."""
+  """An RGB PIL image from a uint8 array, a PIL image, an image file path or
+  encoded image bytes (as `fashionmv.Product.views` holds them)."""
   if isinstance(view, Image.Image):
     return view.convert("RGB")
+  if isinstance(view, bytes):
+    # Opened as the release opens views: EXIF orientation left alone.
+    with Image.open(io.BytesIO(view)) as im:
+      return im.convert("RGB")
   if isinstance(view, (str, os.PathLike)):
     path = os.fspath(view)
     if not os.path.isfile(path):
@@ -71,7 +78,8 @@ def to_image(view: ImageLike) -> Image.Image:
   return Image.fromarray(array).convert("RGB")
 
 
-def _views_of(views: ViewSource | None, product_id: str) -> list[ImageLike]:
+def views_of(views: ViewSource | None, product_id: str) -> list[ImageLike]:
+  """The views `views` holds for the product (none when it holds none)."""
   if views is None:
     return []
   if callable(views) and not isinstance(views, Mapping):
@@ -89,6 +97,35 @@ class _Row:
   images: list[Image.Image]
   role: str = ""        # "target", "source" or ""
   error: str = ""       # why the views are missing, if they are
+
+
+def role_of(product_id, target_id: str | None, source_id: str | None) -> str:
+  return ("target" if product_id == target_id else
+          "source" if product_id == source_id else "")
+
+
+def load_row(label: str, product_id: str, score: float | None,
+             views: ViewSource | None, role: str = "") -> _Row:
+  """A row with the product's views; unreadable or missing views are noted."""
+  row = _Row(label, product_id, score, [], role)
+  try:
+    row.images = [to_image(v) for v in views_of(views, product_id)]
+    if not row.images and views is not None:
+      row.error = "no views found"
+  except (OSError, ValueError) as e:
+    row.error = f"views unreadable: {e}"
+  return row
+
+
+def result_rows(product_ids: Sequence[str | None], scores: Sequence[float],
+                views: ViewSource | None, *, target_id: str | None = None,
+                source_id: str | None = None) -> list[_Row]:
+  """One row per ranked result, labelled "#rank"; None ids (empty slots) are
+  skipped."""
+  return [load_row(f"#{rank}", str(pid), float(score), views,
+                   role_of(str(pid), target_id, source_id))
+          for rank, (pid, score) in enumerate(zip(product_ids, scores), start=1)
+          if pid is not None]
 
 
 def _font(size: int):
@@ -231,6 +268,110 @@ h1 { font-size: 22px; margin: 0 0 16px; }
 """
 
 
+class ImageStore:
+  """Turns view images into <img> sources: data URIs inside the page (embed),
+  or JPEG files in `out_dir/files_dir` linked by relative path. An image is
+  stored once per stem, however often the page shows it."""
+
+  def __init__(self, out_dir: str, files_dir: str, thumb: int, embed: bool):
+    self.out_dir, self.files_dir = out_dir, files_dir
+    self.thumb, self.embed = thumb, embed
+    self.saved: list[str] = []
+    self._sources: dict[str, str] = {}
+    if not embed:
+      os.makedirs(os.path.join(out_dir, files_dir), exist_ok=True)
+
+  def src(self, image: Image.Image, stem: str) -> str:
+    if stem in self._sources:
+      return self._sources[stem]
+    # Twice the display size, so the page stays sharp on dense screens.
+    small = ImageOps.contain(image, (2 * self.thumb, 2 * self.thumb),
+                             Image.Resampling.LANCZOS)
+    if self.embed:
+      buf = io.BytesIO()
+      small.save(buf, format="JPEG", quality=90)
+      src = "data:image/jpeg;base64," + base64.b64encode(
+          buf.getvalue()).decode()
+    else:
+      src = f"{self.files_dir}/{stem}.jpg"
+      path = os.path.join(self.out_dir, self.files_dir, f"{stem}.jpg")
+      small.save(path, format="JPEG", quality=90)
+      self.saved.append(path)
+    self._sources[stem] = src
+    return src
+
+  def close(self) -> None:
+    """Removes the files folder when nothing went into it."""
+    if not self.embed and not self.saved:
+      try:
+        os.rmdir(os.path.join(self.out_dir, self.files_dir))
+      except OSError:
+        pass
+
+
+def views_html(row: _Row, stem: str, store: ImageStore, max_views: int) -> str:
+  """The row's views as <img> tags, or a grey box saying why there are none."""
+  esc = html.escape
+  if not row.images:
+    return f'<div class="missing">{esc(row.error or "no views")}</div>'
+  tags = []
+  for i, image in enumerate(row.images[:max_views]):
+    src = esc(store.src(image, f"{stem}_v{i}"), quote=True)
+    tags.append(f'<img src="{src}" alt="{esc(stem)} view {i + 1}" '
+                'loading="lazy">')
+  more = len(row.images) - max_views
+  if more > 0:
+    tags.append(f'<span class="meta">+{more} more</span>')
+  return "".join(tags)
+
+
+def row_html(row: _Row, stem: str, store: ImageStore | None,
+             max_views: int) -> str:
+  """One ranked result: rank, score, product id, role badge and views (left
+  out when `store` is None: a page without views)."""
+  esc = html.escape
+  badge = (f'<div><span class="badge {row.role}">{row.role}</span></div>'
+           if row.role else "")
+  score = ("" if row.score is None else
+           f'<span class="score">{row.score:.4f}</span>')
+  views = ("" if store is None else '<div class="views">'
+           f"{views_html(row, stem, store, max_views)}</div>")
+  pid = esc(row.product_id or "")
+  return (f'<div class="row {row.role}" data-product="{pid}">'
+          f'<div class="label"><span class="rank">{esc(row.label)}</span>{score}'
+          f'<div class="pid">{pid}</div>{badge}</div>{views}</div>')
+
+
+def query_html(query_row: _Row, text: str, store: ImageStore | None,
+               max_views: int, meta: str, stem: str = "query") -> str:
+  """The query panel: a line of `meta` (already HTML), the source views and
+  the modification text."""
+  views = ("" if store is None else
+           f'<div class="views">{views_html(query_row, stem, store, max_views)}'
+           "</div>")
+  words = (f'<div class="meta" style="margin-top:12px">modification text</div>'
+           f'<p class="text">{html.escape(text)}</p>') if text else ""
+  return (f'<section class="query"><div class="meta">{meta}</div>{views}{words}'
+          "</section>")
+
+
+def target_summary(rows: Sequence[_Row]) -> str:
+  found = [r.label for r in rows if r.role == "target"]
+  return (f"target at rank {found[0][1:]}" if found
+          else f"target not in the top {len(rows)}")
+
+
+def page_html(title: str, body: Sequence[str], *, thumb: int,
+              css: str = "") -> str:
+  """A complete page: the shared style (views `thumb` px wide) and `css`."""
+  esc = html.escape
+  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{esc(title)}</title>",
+           f"<style>{_CSS % {'px': thumb}}{css}</style></head><body>",
+           f"<h1>{esc(title)}</h1>", *body, "</body></html>"]
+  return "\n".join(p for p in parts if p)
+
+
 def write_results_page(out_dir, query_views: Sequence[ImageLike], text: str,
                        product_ids: Sequence[str], scores: Sequence[float],
                        views: ViewSource | None, *,
@@ -266,98 +407,28 @@ def write_results_page(out_dir, query_views: Sequence[ImageLike], text: str,
   if not name or os.sep in name or name.startswith("."):
     raise ValueError(f"bad page name {name!r}")
   out_dir = os.fspath(out_dir)
-  files_dir = f"{name}_files"
-  os.makedirs(os.path.join(out_dir, files_dir), exist_ok=True)
+  os.makedirs(out_dir, exist_ok=True)
   title = title or (f"Query {source_id}" if source_id else "Query")
 
   query_row = _Row("Query", source_id, None,
                    [to_image(v) for v in query_views][:max_views])
-  rows = []
-  for rank, (pid, score) in enumerate(zip(product_ids, scores), start=1):
-    if pid is None:
-      continue
-    role = ("target" if pid == target_id else
-            "source" if pid == source_id else "")
-    row = _Row(f"#{rank}", str(pid), float(score), [], role)
-    try:
-      row.images = [to_image(v) for v in _views_of(views, str(pid))]
-      if not row.images:
-        row.error = "no views found"
-    except (OSError, ValueError) as e:
-      row.error = f"views unreadable: {e}"
-    rows.append(row)
-
-  saved = []
-
-  def image_src(image: Image.Image, stem: str) -> str:
-    # Twice the display size, so the page stays sharp on dense screens.
-    small = ImageOps.contain(image, (2 * thumb, 2 * thumb),
-                             Image.Resampling.LANCZOS)
-    if embed:
-      buf = io.BytesIO()
-      small.save(buf, format="JPEG", quality=90)
-      return "data:image/jpeg;base64," + base64.b64encode(
-          buf.getvalue()).decode()
-    rel = f"{files_dir}/{stem}.jpg"
-    path = os.path.join(out_dir, files_dir, f"{stem}.jpg")
-    small.save(path, format="JPEG", quality=90)
-    saved.append(path)
-    return rel
-
-  def views_html(row: _Row, stem: str) -> str:
-    if not row.images:
-      return (f'<div class="missing">{html.escape(row.error or "no views")}'
-              "</div>")
-    tags = []
-    for i, image in enumerate(row.images[:max_views]):
-      src = html.escape(image_src(image, f"{stem}_v{i}"), quote=True)
-      tags.append(f'<img src="{src}" alt="{html.escape(stem)} view {i + 1}" '
-                  'loading="lazy">')
-    more = len(row.images) - max_views
-    if more > 0:
-      tags.append(f'<span class="meta">+{more} more</span>')
-    return "".join(tags)
-
+  rows = result_rows(product_ids, scores, views, target_id=target_id,
+                     source_id=source_id)
+  store = ImageStore(out_dir, f"{name}_files", thumb, embed)
   esc = html.escape
-  parts = [
-      "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-      f"<title>{esc(title)}</title>",
-      f"<style>{_CSS % {'px': thumb}}</style></head><body>",
-      f"<h1>{esc(title)}</h1>",
-      '<section class="query">',
-      f'<div class="meta">source {esc(source_id or "-")}'
-      f'{" &middot; target " + esc(target_id) if target_id else ""}</div>',
-      f'<div class="views">{views_html(query_row, "query")}</div>',
-      (f'<div class="meta" style="margin-top:12px">modification text</div>'
-       f'<p class="text">{esc(text)}</p>') if text else "",
-      "</section>",
-  ]
-  found = [r.label for r in rows if r.role == "target"]
+  meta = f'source {esc(source_id or "-")}'
+  if target_id:
+    meta += f" &middot; target {esc(target_id)}"
+  body = [query_html(query_row, text, store, max_views, meta)]
   if target_id is not None:
-    summary = (f"target at rank {found[0][1:]}" if found
-               else f"target not in the top {len(rows)}")
-    parts.append(f'<p class="meta">{esc(summary)}</p>')
-  for row in rows:
-    badge = (f'<div><span class="badge {row.role}">{row.role}</span></div>'
-             if row.role else "")
-    parts.append(
-        f'<div class="row {row.role}"><div class="label">'
-        f'<span class="rank">{esc(row.label)}</span>'
-        f'<span class="score">{row.score:.4f}</span>'
-        f'<div class="pid">{esc(row.product_id or "")}</div>{badge}</div>'
-        f'<div class="views">{views_html(row, "r" + row.label[1:])}</div>'
-        "</div>")
-  parts.append("</body></html>")
+    body.append(f'<p class="meta">{esc(target_summary(rows))}</p>')
+  body += [row_html(row, "r" + row.label[1:], store, max_views) for row in rows]
   html_path = os.path.join(out_dir, f"{name}.html")
   with open(html_path, "w", encoding="utf-8") as f:
-    f.write("\n".join(p for p in parts if p))
+    f.write(page_html(title, body, thumb=thumb))
+  store.close()
 
   png_path = os.path.join(out_dir, f"{name}.png")
   contact_sheet(query_row, text, rows, thumb=thumb, max_views=max_views,
                 title=title).save(png_path, format="PNG", optimize=True)
-  if embed or not saved:
-    try:
-      os.rmdir(os.path.join(out_dir, files_dir))
-    except OSError:
-      pass
-  return {"html": html_path, "png": png_path, "images": saved}
+  return {"html": html_path, "png": png_path, "images": store.saved}

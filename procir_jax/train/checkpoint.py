@@ -30,6 +30,7 @@ class Checkpointer:
         best_mode="max", keep_checkpoints_without_metrics=True,
         enable_async_checkpointing=async_save, create=True)
     self.directory = epath.Path(directory)
+    self._best_metric = best_metric
     self._manager = ocp.CheckpointManager(
         self.directory.resolve(), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -38,6 +39,13 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The best step by `best_metric` among those saved with metrics; None when none
+    has metrics (or no `best_metric` was given)."""
+    if not self._best_metric:
+      return None
+    return self._manager.best_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
