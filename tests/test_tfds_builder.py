@@ -8,12 +8,14 @@ that point at a missing product and at the dropped one.
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
 from etils import epath
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tfds_fashionmv
@@ -22,26 +24,102 @@ from tfds_fashionmv import fashionmv_dataset_builder
 DUMMY = epath.Path(fashionmv_dataset_builder.__file__).parent / "dummy_data"
 
 
-class _TFRecordVariant:
-  """TFDS's own conformance checks read through tf.data (`as_dataset`), which
-  array_record files do not support, so they build the TFRecord variant; the tests
-  below cover the array_record default through `tfds.data_source`."""
+def _as_numpy(value):
+  """A feature value as one comparable array: lists of views stack, bytes stay bytes."""
+  if isinstance(value, (list, tuple)) and not value:
+    return np.asarray(value, dtype=object)
+  return np.asarray(value)
+
+
+def _assert_same_example(from_tf_data, from_data_source, where, views_atol=0):
+  assert sorted(from_tf_data) == sorted(from_data_source), where
+  for name, value in from_tf_data.items():
+    other = from_data_source[name]
+    if isinstance(value, dict):  # extra_texts: {"name": [...], "text": [...]}
+      _assert_same_example(value, other, f"{where}.{name}")
+      continue
+    a, b = _as_numpy(value), _as_numpy(other)
+    assert a.shape == b.shape, (where, name, a.shape, b.shape)
+    if name == "views" and views_atol:
+      np.testing.assert_allclose(a.astype(int), b.astype(int), rtol=0,
+                                 atol=views_atol, err_msg=f"{where}.{name}")
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=f"{where}.{name}")
+
+
+@tfds.decode.make_decoder()
+def _decode_jpeg_accurate(serialized, feature):
+  """JPEG with the accurate integer IDCT that OpenCV and PIL use (PNG decodes too)."""
+  del feature
+  return tf.io.decode_jpeg(serialized, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def assert_tf_data_equals_data_source(name, data_dir, key, splits):
+  """tfds.load (tf.data over TFRecord) and tfds.data_source (ArrayRecord) read the
+  same build: same counts, the same examples in the same order, equal features.
+
+  TF decodes JPEG with its fast integer IDCT by default, OpenCV/PIL (data_source)
+  with the accurate one: default views differ by a few grey levels, views decoded
+  with the accurate IDCT are equal.
+  """
+  has_views = "views" in tfds.builder(name, data_dir=data_dir).info.features
+  for split, count in splits.items():
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    via_data_source = [source[i] for i in range(len(source))]
+    variants = [(None, 0)]
+    if has_views:  # default decoding on one split: its cost is in CI time
+      variants = [({"views": _decode_jpeg_accurate()}, 0)]
+      variants += [(None, 4)] if split == "train" else []
+    for decoders, views_atol in variants:
+      via_tf_data = list(tfds.as_numpy(tfds.load(
+          name, split=split, data_dir=data_dir, download=False, decoders=decoders)))
+      assert len(via_tf_data) == len(via_data_source) == count, split
+      assert ([ex[key] for ex in via_tf_data]
+              == [ex[key] for ex in via_data_source]), split
+      for a, b in zip(via_tf_data, via_data_source):
+        _assert_same_example(a, b, f"{name} {split} {a[key]!r}", views_atol)
+
+
+class _BothFormats:
+  """TFDS's conformance checks (they read through tf.data, `as_dataset`), then the
+  same build read both ways: tf.data and random access."""
 
   DATASET_CLASS = fashionmv_dataset_builder.Builder
+  KEY = ""
 
-  def _make_builder(self, config=None):
-    return self.dataset_class(data_dir=self.tmp_dir, config=config,
-                              version=self.VERSION, file_format="tfrecord")
+  def _download_and_prepare_as_dataset(self, builder):
+    super()._download_and_prepare_as_dataset(builder)
+    info = builder.info
+    assert info.file_format.value == "tfrecord"
+    assert [f.value for f in info.alternative_file_formats] == ["array_record"]
+    with self._subTest("tf_data_equals_data_source"):
+      assert_tf_data_equals_data_source(
+          f"fashionmv/{builder.builder_config.name}", self.tmp_dir, self.KEY,
+          self.SPLITS)
+    if "views" in info.features:
+      return  # the rest is the same code for either config; the cheaper one runs it
+    with self._subTest("one_builder_both_ways"):
+      # as_data_source switches the builder's info to array_record in place; a later
+      # as_dataset on the same builder must still read the TFRecord copy.
+      assert len(builder.as_data_source(split="train")) == self.SPLITS["train"]
+      assert len(list(builder.as_dataset(split="train"))) == self.SPLITS["train"]
+    with self._subTest("from_directory"):
+      # Another project, without this package: TFDS's read-only builder reads the
+      # TFRecord copy with tf.data (its ArrayRecord copy: see the products test).
+      assert len(list(tfds.builder_from_directory(builder.data_dir).as_dataset(
+          split="validation"))) == self.SPLITS["validation"]
 
 
-class FashionMVProductsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCase):
+class FashionMVProductsTest(_BothFormats, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ["products"]
   SPLITS = {"train": 4, "validation": 5}
+  KEY = "product_id"
 
 
-class FashionMVTripletsTest(_TFRecordVariant, tfds.testing.DatasetBuilderTestCase):
+class FashionMVTripletsTest(_BothFormats, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ["triplets"]
   SPLITS = {"train": 4, "validation": 3}  # every row, usable or not
+  KEY = "row"
 
 
 def _build(tmp_path, config, manual_dir=DUMMY):
@@ -57,7 +135,13 @@ def _by_id(source):
 
 def test_products_views_captions_and_drops(tmp_path):
   builder = _build(tmp_path, "products")
-  assert builder.info.file_format.value == "array_record"
+  # TFRecord for tf.data, ArrayRecord beside it for random access.
+  assert builder.info.file_format.value == "tfrecord"
+  assert [f.value for f in builder.info.alternative_file_formats] == ["array_record"]
+  shards = sorted(p.name for p in epath.Path(builder.data_dir).glob("fashionmv-*"))
+  assert shards == [f"fashionmv-{split}.{kind}-00000-of-00001"
+                    for split in ("train", "validation")
+                    for kind in ("array_record", "tfrecord")]
   train = _by_id(tfds.data_source("fashionmv/products", split="train",
                                   data_dir=tmp_path))
   assert sorted(train) == ["100001", "MEN/Shirts/id_00000002/01",
@@ -120,6 +204,37 @@ def test_triplets_keep_every_row_and_flag_products_without_images(tmp_path):
   assert report["validation"]["triplets_usable"] == 2
 
 
+def test_array_record_only_builds_say_to_rebuild_for_tf_data(tmp_path):
+  # A build asked for array_record alone: random access works, tf.data says what to do.
+  builder = tfds.builder("fashionmv/triplets", data_dir=tmp_path,
+                         file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=DUMMY))
+  assert builder.info.alternative_file_formats == []
+  assert len(tfds.data_source("fashionmv/triplets", split="train",
+                              data_dir=tmp_path)) == 4
+  with pytest.raises(NotImplementedError,
+                     match=r"stored only as \['array_record'\].*tfds\.data_source.*"
+                           r"tfds build fashionmv --imports=tfds_fashionmv"):
+    tfds.load("fashionmv/triplets", split="train", data_dir=tmp_path)
+
+  # The same files as a 1.1.0 build (array_record was all that version wrote): asking
+  # for the current version names the old one and the command that builds the new.
+  old = tmp_path / "fashionmv" / "triplets" / "1.1.0"
+  shutil.move(builder.data_dir, old)
+  info = json.loads((old / "dataset_info.json").read_text())
+  (old / "dataset_info.json").write_text(json.dumps({**info, "version": "1.1.0"}))
+  with pytest.raises(AssertionError) as error:
+    tfds.load("fashionmv/triplets", split="train", data_dir=tmp_path)
+  message = str(error.value)
+  assert "holds ['1.1.0'] but not 1.2.0" in message
+  assert f"tfds build fashionmv --imports=tfds_fashionmv --manual_dir=<release> " \
+         f"--data_dir={tmp_path}" in message
+  # What that message says still reads the old build works.
+  assert len(tfds.data_source("fashionmv/triplets:1.1.0", split="train",
+                              data_dir=tmp_path)) == 4
+
+
 def test_missing_manual_dir_says_what_to_download(tmp_path):
   with pytest.raises(AssertionError, match="data/train_triplets.jsonl"):
     _build(tmp_path / "data", "products", manual_dir=tmp_path / "nowhere")
@@ -172,3 +287,5 @@ def test_tfds_command_line_builds_both_configs(tmp_path):
                               data_dir=tmp_path)) == 4
   assert len(tfds.data_source("fashionmv/triplets", split="validation",
                               data_dir=tmp_path)) == 3
+  assert len(list(tfds.load("fashionmv/triplets", split="validation",
+                            data_dir=tmp_path, download=False))) == 3

@@ -9,8 +9,15 @@ from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+from tensorflow_datasets.core import writer as writer_lib
 
 from tfds_fashionmv import release
+
+_TFRECORD = file_adapters.FileFormat.TFRECORD
+_ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
+_REBUILD_COMMAND = ("tfds build fashionmv --imports=tfds_fashionmv "
+                    "--manual_dir=<release> --data_dir=<data_dir>")
 
 # The description and citation live in README.md and CITATIONS.bib beside this
 # file, where TFDS reads them.
@@ -51,13 +58,17 @@ def _text_pairs() -> tfds.features.Sequence:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """FashionMV products and triplets from a local copy of the release."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release: products and triplets configs.",
       "1.1.0": "triplets keeps every row of the release and flags each product with "
                "`source_has_images` / `target_has_images`: the evaluation gallery "
                "holds the products of rows whose partner has no images. The build "
                "report's `triplets_dropped` becomes `triplets_unusable`.",
+      "1.2.0": "Each split is stored twice from one build: TFRecord (primary, read by "
+               "tf.data: tfds.load, as_dataset) and ArrayRecord (alternative file "
+               "format, read by tfds.data_source and grain). Examples and features "
+               "are unchanged.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
@@ -69,12 +80,78 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   ]
   DEFAULT_CONFIG_NAME = "products"
 
-  def __init__(self, *, file_format=None, **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
-    # array_record gives grain and tfds.data_source random access by index. A dataset
-    # already prepared in another format keeps the format it was written in.
-    if file_format is None and not self.is_prepared():
-      self.info.set_file_format("array_record", override=True)
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    # tfds 4.9.10's DatasetInfo.read_from_directory restores dataset_info.json's
+    # alternative_file_formats into the proto but not into the list that
+    # available_file_formats() reads, so as_data_source (tfds.data_source) would not
+    # see the array_record copy of a prepared dataset; copy them over. (TFDS's
+    # ReadOnlyBuilder, builder_from_directory, reads them from the proto itself.)
+    restored = self.info.alternative_file_formats
+    for value in self.info.as_proto.alternative_file_formats:
+      file_format = file_adapters.FileFormat.from_value(value)
+      if file_format not in restored:
+        restored.append(file_format)
+    # A default build will write both (see _example_writer): say so before it runs,
+    # so that tfds.data_source on a dataset not built yet says that, rather than
+    # that tfrecord has no random access.
+    if (not self.is_prepared() and self.info.file_format == _TFRECORD
+        and _ARRAY_RECORD not in restored):
+      self.info.add_alternative_file_format(_ARRAY_RECORD)
+    # Whether the stored splits have a TFRecord copy for tf.data. Kept apart from
+    # info.file_format, which as_data_source switches to array_record in place.
+    self._has_tfrecord = _TFRECORD in self.info.available_file_formats()
+
+  def _example_writer(self) -> writer_lib.ExampleWriter:
+    """Writes every shard twice, as TFRecord and as ArrayRecord, from one serialisation.
+
+    TFRecord (the primary format) is what tf.data reads: `tfds.load`, `as_dataset`.
+    ArrayRecord, recorded in dataset_info.json as an alternative file format, is what
+    `tfds.data_source` and grain pick for random access by index. Both come from
+    TFDS's own `MultiOutputExampleWriter`, so examples are encoded and shuffled once
+    and the two copies hold the same records in the same order (the second copy of a
+    shard is written from memory, so a build holds up to one shard, at most 1 GiB,
+    more). A build asked for one other format (`file_format=` or
+    `tfds build --file_format=`) writes only that one.
+    """
+    self._has_tfrecord = self.info.file_format == _TFRECORD
+    alternatives = self.info.alternative_file_formats
+    if not self._has_tfrecord:
+      if _ARRAY_RECORD in alternatives:  # declared in __init__; not written now
+        alternatives.remove(_ARRAY_RECORD)
+        self.info.as_proto.alternative_file_formats.remove(_ARRAY_RECORD.value)
+      return super()._example_writer()
+    if _ARRAY_RECORD not in alternatives:
+      self.info.add_alternative_file_format(_ARRAY_RECORD)
+    return writer_lib.MultiOutputExampleWriter([
+        writer_lib.ExampleWriter(file_format=_TFRECORD),
+        writer_lib.ExampleWriter(file_format=_ARRAY_RECORD)])
+
+  def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """tf.data over the TFRecord copy, with a clear error when a build lacks one.
+
+    `as_data_source` switches this builder's info to ArrayRecord (TFDS picks a random
+    access format that way); a later `as_dataset` on the same builder switches it back
+    here, as both copies hold the same records.
+    """
+    tf_data_formats = file_adapters.FileFormat.with_tf_data()
+    requested = read_config.file_format if read_config else None
+    current = self.info.file_format or _TFRECORD
+    if not requested and current not in tf_data_formats:
+      stored = self.info.available_file_formats()
+      if self._has_tfrecord:
+        self.info.set_file_format(_TFRECORD, override=True,
+                                  override_if_initialized=True)
+      elif not stored & tf_data_formats:
+        raise NotImplementedError(
+            f"{self.info.full_name} in {self.data_dir} is stored only as "
+            f"{sorted(f.value for f in stored)} (built with that file_format), which "
+            f"tf.data (tfds.load, as_dataset) cannot read. Read it by index with "
+            f"tfds.data_source(...), or rebuild it without --file_format, which writes "
+            f"tfrecord beside array_record: "
+            f"{_REBUILD_COMMAND.replace('<data_dir>', str(self.data_dir_root))}")
+    return super()._as_dataset(split=split, decoders=decoders,
+                               read_config=read_config, shuffle_files=shuffle_files)
 
   def _info(self) -> tfds.core.DatasetInfo:
     if self.builder_config.kind == "products":
@@ -111,7 +188,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = epath.Path(dl_manager.manual_dir)
+    try:
+      manual_dir = epath.Path(dl_manager.manual_dir)
+    except AssertionError as e:  # no manual dir: say so about earlier builds too
+      raise AssertionError(f"{e}{self._earlier_builds_note()}") from e
     missing = [f for files in release.SPLIT_FILES.values() for f in files
                if not (manual_dir / f).exists()]
     if missing:
@@ -125,6 +205,24 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           f"images as follows:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     return {split: self._generate_examples(manual_dir, split)
             for split in release.SPLIT_FILES}
+
+  def _earlier_builds_note(self) -> str:
+    """Names earlier versions built beside this one, e.g. a 1.1.0 left by older code."""
+    config_dir = epath.Path(self.data_dir_root) / self.name / self.builder_config.name
+    try:
+      earlier = sorted(d.name for d in config_dir.iterdir()
+                       if d.name != str(self.version)
+                       and (d / "dataset_info.json").exists())
+    except OSError:
+      return ""
+    if not earlier:
+      return ""
+    return (f"\n\n{config_dir} holds {earlier} but not {self.version}. Builds before "
+            f"1.2.0 are array_record only: tfds.data_source reads them (name the "
+            f"version, e.g. '{self.name}/{self.builder_config.name}:{earlier[-1]}'), "
+            f"tf.data (tfds.load, as_dataset) does not. Build {self.version}, which "
+            f"writes tfrecord for tf.data and array_record for random access: "
+            f"{_REBUILD_COMMAND.replace('<data_dir>', str(self.data_dir_root))}")
 
   def _generate_examples(self, manual_dir: epath.Path, split: str):
     triplets_file, captions_file = release.SPLIT_FILES[split]
