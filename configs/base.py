@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, grad_accum=1,
       freeze=(), log_every=10, eval_every=0, checkpoint_every=100, max_to_keep=2,
       skip_nonfinite=False,
+      # Resuming: a checkpoint that fails to restore is moved aside (never deleted)
+      # and the next newest one restored; False stops with the error instead.
+      fall_back_on_bad_checkpoint=True,
       # "A,B": trace steps A to B with jax.profiler into <workdir>/profile/<stage>/.
       profile_steps=""))
 

@@ -155,6 +155,8 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
                           eval_every=config.train.eval_every if validate else 0,
                           checkpoint_every=config.train.checkpoint_every,
                           skip_nonfinite=config.train.skip_nonfinite,
+                          fall_back_on_bad_checkpoint=(
+                              config.train.fall_back_on_bad_checkpoint),
                           profile_steps=loop_lib.parse_profile_steps(
                               train_cfg.get("profile_steps", "")),
                           profile_dir=str(paths.workdir / "profile" / name)),
@@ -308,7 +310,13 @@ def load_trained(config, workdir: str, *, which: str = "latest"):
     if which == "best" and best is None:
       logging.info("No checkpoint in %s kept validation metrics: taking the latest.",
                    directory)
-    step, restored = checkpointer.restore(best, trainer.abstract_state().as_dict())
+    abstract = trainer.abstract_state().as_dict()
+    if best is not None:
+      step, restored = checkpointer.restore(best, abstract)
+    else:
+      # Evaluation may run beside the training run that owns these checkpoints: skip
+      # a damaged step but leave it where it is.
+      step, restored = checkpointer.restore_latest(abstract, move_aside=False)
     params = restored["params"]
     logging.info("Using the trained state of step %d from %s%s.", step, directory,
                  f" (best {VALIDATION_METRIC})" if best is not None else "")

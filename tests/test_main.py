@@ -104,6 +104,46 @@ def test_export_is_a_hugging_face_directory_of_the_trained_model(trained, tmp_pa
   assert load_pretrained(str(out)).config == exported.config
 
 
+def test_exit_status_tells_preemption_and_user_errors_from_crashes(
+    tmp_path, monkeypatch, capsys):
+  """Preempted: one line and 75 (EX_TEMPFAIL), so a scheduler requeues. An error that
+  is the user's to fix: one line and 2, the trace in <workdir>/errors.log. Anything
+  else: its traceback."""
+  from absl import flags
+
+  from procir_jax import main as main_lib
+  from procir_jax.train import loop as loop_lib
+
+  def preempted(config, workdir):
+    raise loop_lib.TrainingStopped("Preempted (SIGTERM) at step 3: saved", 3, "c")
+
+  def bad_input(config, workdir):
+    raise FileNotFoundError("/data/x.jsonl not found: put the release there")
+
+  def bug(config, workdir):
+    raise KeyError("a bug")
+
+  monkeypatch.chdir(REPO)
+  flags.FLAGS(["main", "--config=configs/base.py", f"--workdir={tmp_path}"])
+  try:
+    for run, code in ((preempted, 75), (bad_input, 2)):
+      monkeypatch.setattr(experiment, "run_train", run)
+      with pytest.raises(SystemExit) as exit_info:
+        main_lib.main(["main"])
+      assert exit_info.value.code == code
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == "Preempted (SIGTERM) at step 3: saved"
+    assert err.strip().splitlines()[-1].startswith(
+        "Error: /data/x.jsonl not found: put the release there (full trace in ")
+    assert "Traceback" not in out + err
+    assert "bad_input" in (tmp_path / "errors.log").read_text()
+    monkeypatch.setattr(experiment, "run_train", bug)
+    with pytest.raises(KeyError):
+      main_lib.main(["main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
 def test_command_line_rejects_unknown_modes(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "procir_jax.main", "--config=configs/base.py",

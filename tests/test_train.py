@@ -212,19 +212,56 @@ def test_sigterm_saves_and_stops(tmp_path, fashionmv_data_dir, test_model_dir):
   checkpointer.close()
 
 
-def test_nonfinite_loss_names_step_and_term_or_is_skipped(tmp_path, fashionmv_data_dir,
-                                                          test_model_dir):
+def test_nonfinite_loss_names_step_and_term(tmp_path, fashionmv_data_dir,
+                                            test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
   c.loss.temperature = 0.0  # 0 / 0 logits: NaN in the retrieval loss
   c.loss.learn_temperature = False
   paths = _paths(tmp_path, c)
   with pytest.raises(FloatingPointError, match=r"Non-finite .*retrieval.* at step 1"):
     _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path / "a")
-  c.train.skip_nonfinite = True
-  trainer, state = _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path / "b")
+  assert not (tmp_path / "a" / "ckpt").exists() or not any(
+      p.name.isdigit() for p in (tmp_path / "a" / "ckpt").iterdir())
+
+
+def test_nonfinite_updates_are_caught_on_the_device_and_skips_checkpointed(
+    tmp_path, fashionmv_data_dir, test_model_dir):
+  """An infinite learning rate: loss and gradient are finite at step 1, the update is
+  not. Every step is checked on the device (not only on log steps), a skipped step
+  leaves the parameters as they were, and the count is part of the checkpoint."""
+  c = _config(fashionmv_data_dir, test_model_dir, steps=3, lr=float("inf"),
+              warmup_steps=0, skip_nonfinite=True)
+  paths = _paths(tmp_path, c)
+  mesh = sharding.make_mesh({"data": -1})
+  trainer = _trainer(c, paths, mesh)
+  dcfg = experiment.data_config(c, paths, batch_size=8, mesh=mesh)
+
+  def run(workdir, **loop):
+    loader = pipeline.make_loader("contrastive", dcfg,
+                                  pipeline.records_for("contrastive", dcfg, "train"),
+                                  train=True)
+    checkpointer = ckpt_lib.Checkpointer(str(workdir / "ckpt"), async_save=False)
+    try:
+      return checkpointer, loop_lib.train(
+          trainer, loader, checkpointer, loop_lib.LoopConfig(steps=3, **loop),
+          workdir=str(workdir / "metrics"), config_dict=c.to_dict(),
+          global_batch_size=8)
+    finally:
+      checkpointer.close()
+
+  with pytest.raises(FloatingPointError,
+                     match=r"Non-finite loss, gradient or updated parameters at step 1"):
+    run(tmp_path / "stop", log_every=2, skip_nonfinite=False)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "stop" / "ckpt")).latest_step() is None
+
+  checkpointer, state = run(tmp_path / "skip", log_every=3, skip_nonfinite=True)
+  assert int(state.nonfinite_steps) == 3 and int(state.first_nonfinite_step) == 1
   initial = trainer.init_state()
   for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing applied
+  step, restored = ckpt_lib.Checkpointer(str(tmp_path / "skip" / "ckpt")).restore(
+      None, trainer.abstract_state().as_dict())
+  assert step == 3 and int(restored["nonfinite_steps"]) == 3
 
 
 def test_profile_steps_trace_exactly_those_steps(tmp_path, fashionmv_data_dir,

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 from clu import metric_writers
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from procir_jax.data import pipeline
@@ -20,14 +21,23 @@ from procir_jax.train import step as step_lib
 
 
 class Preemption:
-  """Turns SIGTERM (how TPU VMs and schedulers preempt) into a flag the loop checks."""
+  """Turns SIGTERM (how TPU VMs and schedulers preempt) into a step to stop at.
+
+  One process: a SIGTERM handler sets a flag. Several (jax.distributed): JAX's
+  preemption service catches the SIGTERM of any process and all of them stop at the
+  same step (`multihost_utils.reached_preemption_sync_point`, as Orbax's and MaxText's
+  loops do), so that they save the same checkpoint together.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._multihost = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    self._multihost = jax.process_count() > 1 and bool(
+        jax.config.jax_enable_preemption_service)
+    if not self._multihost and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -35,8 +45,10 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  @property
-  def requested(self) -> bool:
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called once for every step."""
+    if self._multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
 
@@ -47,6 +59,8 @@ class LoopConfig:
   eval_every: int = 0  # 0: no validation during training
   checkpoint_every: int = 100
   skip_nonfinite: bool = False
+  # A checkpoint that fails to restore is moved aside and the next newest one tried.
+  fall_back_on_bad_checkpoint: bool = True
   # (first, last) step to trace with jax.profiler into profile_dir, or None.
   profile_steps: tuple[int, int] | None = None
   profile_dir: str = ""
@@ -107,19 +121,49 @@ class StepProfiler:
 
 
 class TrainingStopped(RuntimeError):
-  pass
+  """Training stopped early on purpose (preemption), its checkpoint saved."""
+
+  def __init__(self, message: str, step: int, directory: str):
+    super().__init__(message)
+    self.step, self.directory = step, directory
 
 
-def _progress(step: int, total: int, start_step: int, start: float,
-              examples: int, metrics: Mapping[str, float]) -> str:
-  elapsed = time.perf_counter() - start
-  done = step - start_step
-  rate = done / max(elapsed, 1e-9)
-  eta = (total - step) / max(rate, 1e-9)
+def _progress(step: int, total: int, timer: tuple[float, int], examples: int,
+              metrics: Mapping[str, float]) -> str:
+  """The progress line; `timer` is (time, step) after the first, compiling, step,
+  so that compilation stays out of the rate and the ETA."""
+  elapsed = time.perf_counter() - timer[0]
+  done = step - timer[1]
   terms = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                    if k not in ("finite",))
+  if done <= 0:
+    return f"step {step}/{total} | compiled, timing from the next step | {terms}"
+  rate = done / max(elapsed, 1e-9)
+  eta = (total - step) / max(rate, 1e-9)
   return (f"step {step}/{total} | {rate:.2f} steps/s {rate * examples:.1f} ex/s | "
           f"ETA {eta / 60:.1f} min | {terms}")
+
+
+def _checked_metrics(metrics, state: step_lib.TrainState, step: int, cfg: LoopConfig,
+                     reported: int) -> tuple[dict[str, float], int]:
+  """The step's metrics on the host, after stopping on a non-finite step (the first
+  one, by the state's own count) or, with `skip_nonfinite`, logging the new skips;
+  and the count of non-finite steps reported so far."""
+  metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+  count = int(state.nonfinite_steps)
+  if count == reported:
+    return metrics, count
+  first = int(state.first_nonfinite_step)
+  if not cfg.skip_nonfinite:
+    bad = step_lib.nonfinite_terms(metrics) if step == first else []
+    what = ", ".join(bad) if bad else "loss, gradient or updated parameters"
+    raise FloatingPointError(
+        f"Non-finite {what} at step {first} ({count} non-finite step(s) by step "
+        f"{step}). Lower the learning rate, check the inputs, or set "
+        f"train.skip_nonfinite=True to skip such steps.")
+  logging.warning("%d step(s) skipped so far for non-finite values (the first at step "
+                  "%d); their updates were not applied.", count, first)
+  return metrics, count
 
 
 def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer,
@@ -132,8 +176,10 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
   sharding_for = sharding.batch_sharding(mesh)
   iterator = iter(loader)
   if checkpointer.latest_step() is not None:
-    start_step, restored = checkpointer.restore(
-        None, trainer.abstract_state().as_dict(), data_iterator=iterator)
+    # The newest intact step: a damaged one is moved aside with a warning.
+    start_step, restored = checkpointer.restore_latest(
+        trainer.abstract_state().as_dict(), data_iterator=iterator,
+        fall_back=cfg.fall_back_on_bad_checkpoint)
     state = step_lib.TrainState.from_dict(restored)
     logging.info("Resumed from step %d in %s.", start_step, checkpointer.directory)
   else:
@@ -143,7 +189,8 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
       workdir, just_logging=jax.process_index() > 0)
   skip_counter: dict[str, int] = {}
   examples = global_batch_size
-  start, step, last = time.perf_counter(), start_step, {}
+  step, last, timer = start_step, {}, None
+  reported_nonfinite = int(state.nonfinite_steps)
   profiler = StepProfiler(cfg.profile_steps, cfg.profile_dir)
   with Preemption() as preemption:
     while step < cfg.steps:
@@ -153,40 +200,42 @@ def train(trainer: step_lib.Trainer, loader, checkpointer: ckpt_lib.Checkpointer
       with profiler.annotate(step + 1):
         state, metrics = trainer.step(state, pipeline.to_global(batch, sharding_for))
       step += 1
+      if timer is None:  # the first call compiled the step
+        timer = (time.perf_counter(), step)
       profiler.after(step, (state, metrics))
-      if not cfg.skip_nonfinite or step % cfg.log_every == 0 or step == cfg.steps:
-        metrics = jax.device_get(metrics)
-        bad = step_lib.nonfinite_terms(metrics)
-        if bad and not cfg.skip_nonfinite:
-          raise FloatingPointError(
-              f"Non-finite {', '.join(bad)} at step {step} "
-              f"({ {k: float(np.asarray(metrics[k])) for k in bad} }). Lower the "
-              f"learning rate, check the inputs, or set train.skip_nonfinite=True to "
-              f"skip such steps.")
-        if cfg.skip_nonfinite and not bool(metrics["finite"]):
-          skip_counter["nonfinite_steps"] = skip_counter.get("nonfinite_steps", 0) + 1
-          logging.warning("Step %d skipped: non-finite %s.", step, bad)
-        last = {k: float(np.asarray(v)) for k, v in metrics.items()}
-      if step % cfg.log_every == 0 or step == cfg.steps:
+      log = step % cfg.log_every == 0 or step == cfg.steps
+      validating = bool(validate and cfg.eval_every and (
+          step % cfg.eval_every == 0 or step == cfg.steps))
+      # The only host syncs: a state is checked before it is logged, validated or
+      # saved, so a non-finite one is never checkpointed.
+      if log or validating:
+        last, reported_nonfinite = _checked_metrics(metrics, state, step, cfg,
+                                                    reported_nonfinite)
+      if log:
         writer.write_scalars(step, dict(last, **{k: float(v) for k, v in
                                                  skip_counter.items()}))
-        logging.info(_progress(step, cfg.steps, start_step, start, examples, last))
+        logging.info(_progress(step, cfg.steps, timer, examples, last))
       val = None
-      if validate and cfg.eval_every and (step % cfg.eval_every == 0 or
-                                          step == cfg.steps):
+      if validating:
         val = validate(state)
         writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
         logging.info("step %d validation: %s", step, val)
-      if (step % cfg.checkpoint_every == 0 or step == cfg.steps or
-          preemption.requested or val is not None):
+      stop = preemption.reached(step)
+      save = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop or validating
+      if save and not (log or validating):
+        last, reported_nonfinite = _checked_metrics(metrics, state, step, cfg,
+                                                    reported_nonfinite)
+      if save:
         checkpointer.save(step, state.as_dict(), iterator, config_dict, metrics=val,
                           force=True)
-      if preemption.requested:
+      if stop:
         profiler.stop()
         checkpointer.wait()
         writer.flush()
-        raise TrainingStopped(f"Preempted (SIGTERM) at step {step}; the checkpoint "
-                              f"in {checkpointer.directory} resumes from here.")
+        raise TrainingStopped(
+            f"Preempted (SIGTERM) at step {step}: the checkpoint of step {step} is "
+            f"saved in {checkpointer.directory}; run the same command again to resume.",
+            step, str(checkpointer.directory))
   profiler.stop(state)
   checkpointer.wait()
   writer.flush()

@@ -16,22 +16,36 @@ from procir_jax import sharding
 
 @dataclasses.dataclass
 class TrainState:
-  """Everything a checkpoint restores: parameters, optimizer state, step."""
+  """Everything a checkpoint restores: parameters, optimizer state, step, and the
+  non-finite steps seen so far (how many, and the first one; -1 for none)."""
 
   params: Any
   opt_state: Any
   step: jax.Array
+  nonfinite_steps: jax.Array
+  first_nonfinite_step: jax.Array
 
   def as_dict(self) -> dict[str, Any]:
-    return {"params": self.params, "opt_state": self.opt_state, "step": self.step}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
-    return cls(d["params"], d["opt_state"], d["step"])
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+  @classmethod
+  def fresh(cls, params, opt_state) -> "TrainState":
+    return cls(params, opt_state, jnp.int32(0), jnp.int32(0), jnp.int32(-1))
 
 
-jax.tree_util.register_dataclass(TrainState, data_fields=["params", "opt_state",
-                                                          "step"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    TrainState, data_fields=["params", "opt_state", "step", "nonfinite_steps",
+                             "first_nonfinite_step"], meta_fields=[])
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 class Trainer:
@@ -46,7 +60,7 @@ class Trainer:
     self.tx, self.mesh, self.loss_cfg = tx, mesh, loss_cfg
     self.mode, self.cot, self.skip_nonfinite = mode, cot, skip_nonfinite
     self._abstract = jax.eval_shape(
-        lambda p: TrainState(p, tx.init(p), jnp.int32(0)), params)
+        lambda p: TrainState.fresh(p, tx.init(p)), params)
     self.shardings = sharding.tree_shardings(self._abstract, mesh)
     self._initial_params = params
     self._step = jax.jit(self._train_step, donate_argnums=0)
@@ -54,7 +68,7 @@ class Trainer:
   def init_state(self) -> TrainState:
     """The fresh state, created directly in its shardings."""
     params = jax.device_put(self._initial_params, self.shardings.params)
-    init = jax.jit(lambda p: TrainState(p, self.tx.init(p), jnp.int32(0)),
+    init = jax.jit(lambda p: TrainState.fresh(p, self.tx.init(p)),
                    out_shardings=self.shardings)
     return init(params)
 
@@ -82,14 +96,23 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if self.skip_nonfinite:  # keep the old state; the loop counts the skip
+    # A finite loss and gradient can still give a non-finite update (say the
+    # temperature overflowing): the updated state itself is checked, on the device.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+              & _all_finite(opt_state))
+    if self.skip_nonfinite:  # keep the old state; the skip is counted below
       keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
       params = jax.tree.map(keep, params, state.params)
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    new = TrainState(params, opt_state, state.step + 1)
+    step = state.step + 1
+    new = TrainState(
+        params, opt_state, step,
+        state.nonfinite_steps + (~finite).astype(jnp.int32),
+        jnp.where(~finite & (state.first_nonfinite_step < 0), step,
+                  state.first_nonfinite_step))
     new = jax.lax.with_sharding_constraint(new, self.shardings)
-    metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite)
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite,
+                   nonfinite_steps=new.nonfinite_steps)
     return new, metrics
 
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -105,4 +128,5 @@ class Trainer:
 def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str]:
   """Names of the metrics (loss terms, gradient norm) that are NaN or inf."""
   return [name for name, value in metrics.items()
-          if name != "finite" and not bool(jnp.isfinite(jnp.asarray(value)).all())]
+          if name not in ("finite", "nonfinite_steps")
+          and not bool(jnp.isfinite(jnp.asarray(value)).all())]
