@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Resuming: a checkpoint that fails to restore is moved aside (never deleted)
       # and the next newest one restored; False stops with the error instead.
       fall_back_on_bad_checkpoint=True,
+      # Resuming with a changed schedule length, batch size, seed, data or model is
+      # refused (every change is listed); True resumes anyway.
+      allow_resume_changes=False,
       # "A,B": trace steps A to B with jax.profiler into <workdir>/profile/<stage>/.
       profile_steps=""))
 

@@ -24,6 +24,7 @@ from procir_jax.train import checkpoint as ckpt_lib
 from procir_jax.train import loop as loop_lib
 from procir_jax import sharding
 from procir_jax.train import optimizer as opt_lib
+from procir_jax.train import resume as resume_lib
 from procir_jax.train import step as step_lib
 
 
@@ -142,13 +143,17 @@ def _train_stage(config, paths: Paths, procir, mesh, *, mode: str, steps: int,
                      mesh=mesh)
   records = pipeline.records_for(data_mode, dcfg, "train")
   loader = pipeline.make_loader(data_mode, dcfg, records, train=True)
-  trainer = step_lib.Trainer(
-      procir, opt_lib.make_optimizer(train_cfg, nnx.state(procir, nnx.Param)), mesh,
-      loss_config(config),
-      mode=mode, cot=config.procir.cot, skip_nonfinite=config.train.skip_nonfinite)
   checkpointer = ckpt_lib.Checkpointer(
       str(paths.workdir / "checkpoints" / name), max_to_keep=config.train.max_to_keep,
       best_metric=VALIDATION_METRIC if validate else None)
+  schedule = resume_lib.checked_schedule(
+      checkpointer.saved_config(), config.to_dict(),
+      "sft" if mode == "sft" else "train", train_cfg,
+      allow=config.train.allow_resume_changes, where=str(checkpointer.directory))
+  trainer = step_lib.Trainer(
+      procir, opt_lib.make_optimizer(schedule, nnx.state(procir, nnx.Param)), mesh,
+      loss_config(config),
+      mode=mode, cot=config.procir.cot, skip_nonfinite=config.train.skip_nonfinite)
   state = loop_lib.train(
       trainer, loader, checkpointer,
       loop_lib.LoopConfig(steps=steps, log_every=config.train.log_every,

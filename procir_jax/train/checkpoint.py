@@ -89,6 +89,21 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items),
                               metrics=metrics, force=force)
 
+  def saved_config(self, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default: the latest), or None when there is no
+    step, it was saved without one, or it cannot be read (restoring then says why)."""
+    step = self.latest_step() if step is None else step
+    if step is None or not (self.directory / str(step) / "config").exists():
+      return None
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Could not read the config saved with step %d in %s: %s", step,
+                      self.directory, str(e).splitlines()[0] if str(e) else e)
+      return None
+    return dict(restored["config"])
+
   def restore(self, step: int | None, abstract_state: Any, data_iterator=None
               ) -> tuple[int, Any]:
     """Restores `state` with the shardings of `abstract_state` (and the iterator).
