@@ -108,14 +108,22 @@ def lm_loss(model: Qwen3_5Model, hidden: jax.Array, input_ids: jax.Array,
                                axis=-1)[..., 0]
     return (nll * weight).sum()
 
-  total = jnp.float32(0)
-  # A Python loop, not a scan: XLA's cost analysis then counts every chunk.
-  for c in range(chunks):
-    part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
-    weight = scored[:, part].astype(jnp.float32)
-    total += jax.lax.cond(
-        weight.any(), chunk_nll, lambda *_: jnp.float32(0),
-        states[:, part], targets[:, part], weight)
+  def by_chunk(x):  # [B, chunks * chunk_tokens, ...] -> [chunks, B, chunk_tokens, ...]
+    x = x.reshape((batch, chunks, chunk_tokens) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def body(total, chunk):
+    states, targets, weight = chunk
+    return total + jax.lax.cond(weight.any(), chunk_nll, lambda *_: jnp.float32(0),
+                                states, targets, weight), None
+
+  # One compiled chunk, run as often as needed; unrolled when the model's options
+  # ask for a loop-free program (XLA's cost analysis counts a loop body once).
+  unroll = chunks if getattr(model, "options", None) is not None and (
+      model.options.unroll_loops) else 1
+  total, _ = jax.lax.scan(body, jnp.float32(0),
+                          (by_chunk(states), by_chunk(targets),
+                           by_chunk(scored.astype(jnp.float32))), unroll=unroll)
   return total / jnp.maximum(counts.sum().astype(jnp.float32), 1.0)
 
 
