@@ -309,19 +309,21 @@ def load_trained(config, workdir: str, *, which: str = "latest"):
   checkpointer = ckpt_lib.Checkpointer(directory, best_metric=VALIDATION_METRIC) if (
       epath.Path(directory).exists()) else None
   if checkpointer is not None and checkpointer.latest_step() is not None:
-    trainer = step_lib.Trainer(procir, opt_lib.make_optimizer(config.train, params),
-                               mesh, loss_config(config), mode="contrastive")
     best = checkpointer.best_step() if which == "best" else None
     if which == "best" and best is None:
       logging.info("No checkpoint in %s kept validation metrics: taking the latest.",
                    directory)
-    abstract = trainer.abstract_state().as_dict()
+    # Only the parameters: the optimizer's moments are never read.
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        {"params": params}, sharding.tree_shardings({"params": params}, mesh))
     if best is not None:
-      step, restored = checkpointer.restore(best, abstract)
+      step, restored = checkpointer.restore(best, abstract, partial=True)
     else:
       # Evaluation may run beside the training run that owns these checkpoints: skip
       # a damaged step but leave it where it is.
-      step, restored = checkpointer.restore_latest(abstract, move_aside=False)
+      step, restored = checkpointer.restore_latest(abstract, move_aside=False,
+                                                   partial=True)
     params = restored["params"]
     logging.info("Using the trained state of step %d from %s%s.", step, directory,
                  f" (best {VALIDATION_METRIC})" if best is not None else "")

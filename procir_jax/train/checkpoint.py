@@ -47,6 +47,19 @@ class CheckpointError(ValueError):
     self.tried = tried
 
 
+def _restore_subset(directory: epath.Path, abstract_state: Any) -> Any:
+  """The leaves of a saved `state` item that `abstract_state` names, read alone.
+
+  StandardRestore needs the whole tree; the PyTree handler beneath it (same files)
+  restores a subset, so evaluation reads no optimizer state.
+  """
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        partial_restore=True))
+
+
 class Checkpointer:
   """A CheckpointManager whose items are `state`, `data` and `config`."""
 
@@ -104,8 +117,8 @@ class Checkpointer:
       return None
     return dict(restored["config"])
 
-  def restore(self, step: int | None, abstract_state: Any, data_iterator=None
-              ) -> tuple[int, Any]:
+  def restore(self, step: int | None, abstract_state: Any, data_iterator=None, *,
+              partial: bool = False) -> tuple[int, Any]:
     """Restores `state` with the shardings of `abstract_state` (and the iterator).
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with `sharding` set, e.g.
@@ -116,14 +129,14 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
-    state, problem, _ = self._attempt(step, abstract_state, data_iterator)
+    state, problem, _ = self._attempt(step, abstract_state, data_iterator, partial)
     if problem is not None:
       raise self._error(step, problem)
     return step, state
 
   def restore_latest(self, abstract_state: Any, data_iterator=None, *,
-                     fall_back: bool = True, move_aside: bool = True
-                     ) -> tuple[int, Any]:
+                     fall_back: bool = True, move_aside: bool = True,
+                     partial: bool = False) -> tuple[int, Any]:
     """Restores the newest step that restores; returns (step, state).
 
     When a step fails and `fall_back`, logs a warning naming it and the cause and
@@ -148,7 +161,8 @@ class Checkpointer:
       if step < 0:
         break
       remaining = [s for s in remaining if s < step]
-      state, problem, damaged = self._attempt(step, abstract_state, data_iterator)
+      state, problem, damaged = self._attempt(step, abstract_state, data_iterator,
+                                              partial)
       if problem is None:
         if tried and move_aside:
           self._move_aside([s for s, _ in tried])
@@ -197,10 +211,11 @@ class Checkpointer:
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self._manager.directory) / str(step)
 
-  def _attempt(self, step: int, abstract_state: Any, data_iterator
+  def _attempt(self, step: int, abstract_state: Any, data_iterator, partial: bool
                ) -> tuple[Any, str | None, bool]:
     """(state, None, False) on success, else (None, cause, surely damaged). Every
-    process returns the same verdict."""
+    process returns the same verdict. `partial`: restore only the leaves
+    `abstract_state` names (say the parameters, without the optimizer's moments)."""
     _quiet_closed_event_loops()
     problem, damaged = self._check_files(step, with_data=data_iterator is not None)
     if not _all_processes(problem is None):
@@ -211,7 +226,10 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     state = None
     try:
-      state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+      if partial:
+        state = _restore_subset(self._step_dir(step) / "state", abstract_state)
+      else:
+        state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
     except Exception as e:  # pylint: disable=broad-except  (any failure is reported)
       # The whole story (tensorstore specs, nested causes) for whoever turns on
       # debug logging; the error itself stays one line.
