@@ -1,50 +1,25 @@
-"""What the model benchmarks share: Qwen3.5 shapes, the HF config, FLOP counts.
+"""What the model benchmarks share: model shapes, the HF config, FLOP counts.
 
-Both sides of a benchmark build their model from `hf_config(preset)`: transformers
+Both sides of a benchmark build their model from `hf_config(model)`: transformers
 reads it directly and this port through `Qwen3_5Config.from_hf_dict`, so the two
-always have the same shapes.
+always have the same shapes. The shapes are Qwen3_5Config's presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from procir_jax.models.qwen3_5 import Qwen3_5Config
+from procir_jax.models.qwen3_5.config import QWEN3_5_TOKEN_IDS
 
-# Qwen3.5's own multimodal token ids.
-IMAGE, VIDEO, V_START, V_END = 248056, 248057, 248053, 248054
-
-PRESETS = {
-    # The Qwen3.5-0.8B shape.
-    "0.8b": dict(
-        text=dict(vocab_size=248320, hidden_size=1024, intermediate_size=3584,
-                  num_hidden_layers=24, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=256,
-                  linear_num_key_heads=16, linear_num_value_heads=16,
-                  linear_key_head_dim=128, linear_value_head_dim=128,
-                  linear_conv_kernel_dim=4),
-        vision=dict(depth=12, hidden_size=768, intermediate_size=3072,
-                    num_heads=12, out_hidden_size=1024,
-                    num_position_embeddings=2304),
-        rope_theta=1e7, mrope_section=[11, 11, 10], tie=True,
-        batch=32, views=4, image_size=256, dtype="bfloat16", iters=20),
-    # Small enough for a CPU in CI time.
-    "tiny": dict(
-        text=dict(vocab_size=248320, hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
-                  linear_num_value_heads=4, linear_key_head_dim=32,
-                  linear_value_head_dim=32, linear_conv_kernel_dim=4),
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128,
-                    num_heads=2, out_hidden_size=128,
-                    num_position_embeddings=256),
-        rope_theta=1e7, mrope_section=[3, 3, 2], tie=True,
-        batch=4, views=4, image_size=64, dtype="float32", iters=5),
-}
+# The benchmarks' model names (their --preset) and the Qwen3_5Config presets behind
+# them: Qwen3.5-0.8B on an accelerator, the tests' tiny shape on a CPU in CI time.
+MODELS = {"0.8b": "qwen3_5_0_8b", "tiny": "tiny"}
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -82,27 +57,34 @@ def tpu_chip(topology: str) -> Chip:
   return TPU_CHIPS[version]
 
 
-def hf_config(preset, *, token_ids=None, **text_overrides):
-  """transformers' Qwen3_5Config of a preset.
+def model_config(model: str, *,
+                 token_ids: Sequence[int] | Mapping[str, int] | None = None,
+                 **text_overrides) -> Qwen3_5Config:
+  """This port's config of a benchmark model.
 
   Args:
-    preset: a key of PRESETS.
-    token_ids: optional (image, video, vision_start, vision_end) ids, for inputs
-      made with another tokenizer than Qwen3.5's own; default Qwen3.5's.
+    model: a key of MODELS, or a Qwen3_5Config preset name.
+    token_ids: optional (image, video, vision_start, vision_end) ids, or a dict of
+      them (tiny_model.token_ids), for inputs made with another tokenizer than
+      Qwen3.5's own; default Qwen3.5's.
     **text_overrides: text config fields to change (e.g. vocab_size).
   """
+  if token_ids is not None and not isinstance(token_ids, Mapping):
+    token_ids = dict(zip(QWEN3_5_TOKEN_IDS, token_ids, strict=True))
+  kwargs = dict(token_ids or {})
+  if "vocab_size" in text_overrides:
+    kwargs["vocab_size"] = text_overrides.pop("vocab_size")
+  cfg = Qwen3_5Config.preset(MODELS.get(model, model), **kwargs)
+  if text_overrides:
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text_overrides))
+  return cfg
+
+
+def hf_config(model: str, *, token_ids=None, **text_overrides):
+  """transformers' Qwen3_5Config of a benchmark model (arguments: model_config's)."""
   import transformers  # pylint: disable=g-import-not-at-top
-  p = PRESETS[preset]
-  image, video, start, end = token_ids or (IMAGE, VIDEO, V_START, V_END)
-  text = dict(p["text"], **text_overrides)
-  text["rope_parameters"] = dict(
-      rope_type="default", rope_theta=p["rope_theta"],
-      partial_rotary_factor=0.25, mrope_section=p["mrope_section"],
-      mrope_interleaved=True)
-  return transformers.Qwen3_5Config(
-      text_config=text, vision_config=p["vision"], image_token_id=image,
-      video_token_id=video, vision_start_token_id=start,
-      vision_end_token_id=end, tie_word_embeddings=p["tie"])
+  cfg = model_config(model, token_ids=token_ids, **text_overrides)
+  return transformers.Qwen3_5Config(**cfg.to_hf_dict())
 
 
 def vision_flops(cfg: Qwen3_5Config, thw) -> float:
@@ -209,9 +191,8 @@ def make_products(count: int, views: int, image_size: int, seed: int = 0):
   """`count` synthetic products (SFT and gallery records)."""
   from tfds_fashionmv import synthetic  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  return [make_product(i, synthetic.Attributes(**{
-      k: str(rng.choice(synthetic.CHOICES[k])) for k in synthetic.ATTRIBUTES}),
-                       views, image_size, rng) for i in range(count)]
+  return [make_product(i, synthetic.sample_attributes(rng), views, image_size, rng)
+          for i in range(count)]
 
 
 def make_triplets(count: int, views: int, image_size: int, seed: int = 0):
@@ -219,18 +200,15 @@ def make_triplets(count: int, views: int, image_size: int, seed: int = 0):
   from procir_jax.data import fashionmv  # pylint: disable=g-import-not-at-top
   from tfds_fashionmv import synthetic  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  choices = synthetic.CHOICES
 
   def product(index, attributes):
     return make_product(index, attributes, views, image_size, rng)
 
   out = []
   for i in range(count):
-    a = synthetic.Attributes(**{k: str(rng.choice(choices[k]))
-                                for k in synthetic.ATTRIBUTES})
-    colours = [c for c in choices["colour"] if c != a.colour]
-    b = a.replace(colour=str(rng.choice(colours)),
-                  sleeves=str(rng.choice(choices["sleeves"])))
+    a = synthetic.sample_attributes(rng)
+    b = a.replace(colour=synthetic.sample_value(rng, "colour", other_than=a.colour),
+                  sleeves=synthetic.sample_value(rng, "sleeves"))
     short, long = synthetic.modification_texts(a, b)
     triplet = fashionmv.Triplet(
         source="fashiongen", source_id=str(2 * i), target_id=str(2 * i + 1),

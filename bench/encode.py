@@ -43,16 +43,25 @@ import numpy as np  # noqa: E402
 from procir_jax import procir as procir_lib  # noqa: E402
 from procir_jax import sharding  # noqa: E402
 from procir_jax import tiny_model  # noqa: E402
-from procir_jax.data import tokenizer as tok  # noqa: E402
 from procir_jax.data.image_processing import ImageProcessor  # noqa: E402
 from procir_jax.eval import encode as encode_lib  # noqa: E402
 from procir_jax.models.qwen3_5 import ModelOptions, Qwen3_5Config  # noqa: E402
 from procir_jax.models.qwen3_5 import from_state_dict  # noqa: E402
+from procir_jax.models.qwen3_5.config import QWEN3_5_VOCAB_SIZE  # noqa: E402
 
 # Shared with the other model benchmarks (this file's folder is on sys.path).
-from common import PEAK_BF16, PRESETS, batch_forward_flops, hf_config  # noqa: E402
+from common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
 from common import make_products, pipeline_batch, timed, torch_to_numpy  # noqa: E402
 from common import transformers_inputs  # noqa: E402
+
+PRESETS = {
+    # The Qwen3.5-0.8B shape: 32 products of 4 views of 256x256 per batch, bf16.
+    "0.8b": dict(model="0.8b", batch=32, views=4, image_size=256,
+                 dtype="bfloat16", iters=20),
+    # Qwen3_5Config.tiny(): small enough for a CPU in CI time.
+    "tiny": dict(model="tiny", batch=4, views=4, image_size=64, dtype="float32",
+                 iters=5),
+}
 
 
 def load_config(views: int):
@@ -111,11 +120,10 @@ def main(argv=None):
   part = batch["document"]
   print(f"made the batch with the data pipeline in {time.perf_counter() - t0:.1f}s",
         flush=True)
-  ids = tokenizer.convert_tokens_to_ids
-  hcfg = hf_config(args.preset, token_ids=(
-      ids(tok.IMAGE_PAD), ids("<|video_pad|>"), ids(tok.VISION_START),
-      ids(tok.VISION_END)), vocab_size=max(len(tokenizer),
-                                            p["text"]["vocab_size"]))
+  # Qwen3.5's own vocabulary (or the tokenizer's, if larger): the embedding table of
+  # the real model, with the stand-in tokenizer's multimodal ids.
+  hcfg = hf_config(p["model"], token_ids=tiny_model.token_ids(tokenizer),
+                   vocab_size=max(len(tokenizer), QWEN3_5_VOCAB_SIZE))
   cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
 
   torch.manual_seed(0)

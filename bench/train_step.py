@@ -54,7 +54,6 @@ from procir_jax import procir as procir_lib  # noqa: E402
 from procir_jax import tiny_model  # noqa: E402
 from procir_jax.data import pipeline  # noqa: E402
 from procir_jax.data.image_processing import ImageProcessor  # noqa: E402
-from procir_jax.data import tokenizer as tok  # noqa: E402
 from procir_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5Model  # noqa: E402
 from procir_jax import sharding  # noqa: E402
 from procir_jax.train import optimizer as opt_lib  # noqa: E402
@@ -68,9 +67,9 @@ PRESETS = {
     # The reference run: Qwen3.5-0.8B's shape, 8 triplets, 4 views of 256x256.
     "0.8b": dict(model="0.8b", config="procir_0_8b", vocab_size=None, batch=8,
                  views=4, image_size=256, dtype="bfloat16", iters=10),
-    # The encode benchmark's tiny model with a small vocabulary, so the embedding
-    # table's optimizer update does not swamp a CPU step; 128x128 is the smallest
-    # image ProCIR feeds.
+    # Qwen3_5Config.tiny() with a small vocabulary, so the embedding table's
+    # optimizer update does not swamp a CPU step; 128x128 is the smallest image
+    # ProCIR feeds.
     "tiny": dict(model="tiny", config="base", vocab_size=4096, batch=4, views=2,
                  image_size=128, dtype="float32", iters=3),
 }
@@ -317,11 +316,9 @@ def main(argv=None):
                        mesh=make_mesh(config, args.devices))
   print(f"made the batch with the data pipeline in "
         f"{time.perf_counter() - t0:.1f}s", flush=True)
-  ids = tokenizer.convert_tokens_to_ids
   overrides = {"vocab_size": p["vocab_size"]} if p["vocab_size"] else {}
-  hcfg = hf_config(p["model"], token_ids=(
-      ids(tok.IMAGE_PAD), ids("<|video_pad|>"), ids(tok.VISION_START),
-      ids(tok.VISION_END)), **overrides)
+  hcfg = hf_config(p["model"], token_ids=tiny_model.token_ids(tokenizer),
+                   **overrides)
   cfg = Qwen3_5Config.from_hf_dict(hcfg.to_dict())
 
   flops = step_flops(cfg, batch)

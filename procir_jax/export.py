@@ -36,11 +36,10 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
 from procir_jax.data import tokenizer as tok
-from procir_jax.data.image_processing import (PROCIR_MAX_PIXELS, PROCIR_MIN_PIXELS,
-                                              ImageProcessor)
+from procir_jax.data.image_processing import (PROCESSOR_CLASS, PROCIR_MAX_PIXELS,
+                                              PROCIR_MIN_PIXELS, ImageProcessor)
 from procir_jax.models.qwen3_5 import save_pretrained
 
-PROCESSOR_CLASS = "Qwen3VLProcessor"
 VIDEO_CONFIG_NAME = "video_preprocessor_config.json"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -81,11 +80,6 @@ def write_processor_files(model_dir: str, out_dir: str | os.PathLike[str]) -> No
   processor = ImageProcessor.from_pretrained(
       model_dir, min_pixels=PROCIR_MIN_PIXELS, max_pixels=PROCIR_MAX_PIXELS)
   processor.save_pretrained(out)
-  config_file = out / "preprocessor_config.json"
-  _write_json(config_file, dict(json.loads(config_file.read_text()),
-                                processor_class=PROCESSOR_CLASS,
-                                min_pixels=processor.min_pixels,
-                                max_pixels=processor.max_pixels))
   source_video = epath.Path(model_dir) / VIDEO_CONFIG_NAME
   if source_video.exists():
     shutil.copyfile(source_video, out / VIDEO_CONFIG_NAME)

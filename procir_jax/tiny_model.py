@@ -21,9 +21,8 @@ from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 from flax import nnx
 
 from procir_jax.data import tokenizer as tok
-from procir_jax.models.qwen3_5 import (Qwen3_5Config, Qwen3_5Model,
-                                       Qwen3_5TextConfig, Qwen3_5VisionConfig,
-                                       save_pretrained)
+from procir_jax.data.image_processing import ImageProcessor
+from procir_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5Model, save_pretrained
 from tfds_fashionmv import synthetic
 
 # Ids are assigned in this order right after the BPE vocabulary.
@@ -47,51 +46,21 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-# Model shapes. `tiny` is for tests; `small` is the embedded default's demo model,
-# sized to train in minutes on two CPU cores. head_dim * 0.25 / 2 rotary frequencies
-# must cover sum(mrope_section).
-PRESETS = {
-    # The smallest model that still has both layer kinds: quick to compile in tests.
-    "test": dict(
-        vocab_size=400,
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  layer_types=("linear_attention", "full_attention"),
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                  linear_key_head_dim=16, linear_value_head_dim=16,
-                  linear_num_key_heads=1, linear_num_value_heads=2,
-                  mrope_section=(2, 1, 1)),
-        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                    num_position_embeddings=64)),
-    "tiny": dict(
-        vocab_size=512,
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  linear_key_head_dim=16, linear_value_head_dim=16,
-                  linear_num_key_heads=2, linear_num_value_heads=4,
-                  mrope_section=(2, 1, 1)),
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                    num_position_embeddings=64)),
-    "small": dict(
-        vocab_size=1024,
-        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  linear_key_head_dim=32, linear_value_head_dim=32,
-                  linear_num_key_heads=2, linear_num_value_heads=4,
-                  mrope_section=(2, 1, 1)),
-        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
-                    num_position_embeddings=256)),
-}
+# The presets this module writes, by the size of the byte-level BPE vocabulary their
+# tokenizer is trained to (the special tokens come on top). Each model's shape is
+# Qwen3_5Config's preset of the same name: `tiny` is for tests, `small` is the
+# embedded default's demo model, `test` the quickest to compile.
+TOKENIZER_VOCAB_SIZES = {"test": 400, "tiny": 512, "small": 1024}
+PRESETS = tuple(TOKENIZER_VOCAB_SIZES)
 
 
 def training_texts(num_products: int = 3000, seed: int = 0) -> Iterator[str]:
   """FashionMV-style texts: captions and modification texts over random attributes."""
   rng = np.random.default_rng(seed)
-  choices = synthetic.CHOICES
   for _ in range(num_products):
-    a = synthetic.Attributes(**{k: str(rng.choice(choices[k]))
-                                for k in synthetic.ATTRIBUTES})
-    b = a.replace(colour=str(rng.choice(choices["colour"])),
-                  pattern=str(rng.choice(choices["pattern"])))
+    a = synthetic.sample_attributes(rng)
+    b = a.replace(colour=synthetic.sample_value(rng, "colour"),
+                  pattern=synthetic.sample_value(rng, "pattern"))
     yield synthetic.short_caption(a)
     yield synthetic.long_caption(a, int(rng.integers(1, 6)))
     if b != a:
@@ -119,55 +88,43 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen3_5Tokenizer:
   return tokenizer
 
 
-def preprocessor_config(min_pixels: int = 128 * 128, max_pixels: int = 512 * 512
-                        ) -> dict:
-  """Qwen2-VL style image processor settings as ProCIR uses them."""
-  return {
-      "image_processor_type": "Qwen2VLImageProcessor",
-      "processor_class": "Qwen3VLProcessor",
-      "min_pixels": min_pixels,
-      "max_pixels": max_pixels,
-      "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-      "patch_size": 16,
-      "temporal_patch_size": 2,
-      "merge_size": 2,
-      "image_mean": [0.5, 0.5, 0.5],
-      "image_std": [0.5, 0.5, 0.5],
-      "do_rescale": True,
-      "rescale_factor": 1 / 255,
-      "do_normalize": True,
-      "do_resize": True,
-      "do_convert_rgb": True,
-  }
+def write_processor_config(out_dir: str | epath.Path,
+                           processor: ImageProcessor | None = None) -> epath.Path:
+  """Writes preprocessor_config.json: `processor`'s settings (default ImageProcessor():
+  Qwen3.5's patching and normalisation with ProCIR's pixel budget)."""
+  processor = processor or ImageProcessor()
+  return epath.Path(processor.save_pretrained(out_dir))
 
 
 def write_tokenizer_files(out_dir: str | epath.Path, preset: str = "tiny",
                           seed: int = 0) -> Qwen3_5Tokenizer:
   """Writes the tokenizer, chat template and preprocessor config into out_dir."""
-  if preset not in PRESETS:
+  if preset not in TOKENIZER_VOCAB_SIZES:
     raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = train_tokenizer(training_texts(seed=seed),
-                              PRESETS[preset]["vocab_size"])
+                              TOKENIZER_VOCAB_SIZES[preset])
   tokenizer.save_pretrained(str(out_dir))
-  (out_dir / "preprocessor_config.json").write_text(
-      json.dumps(preprocessor_config(), indent=2))
+  write_processor_config(out_dir)
   return tokenizer
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+  """The tokenizer's multimodal token ids, as Qwen3_5Config's presets take them."""
+  ids = tokenizer.convert_tokens_to_ids
+  return {"image_token_id": ids(tok.IMAGE_PAD), "video_token_id": ids("<|video_pad|>"),
+          "vision_start_token_id": ids(tok.VISION_START),
+          "vision_end_token_id": ids(tok.VISION_END)}
 
 
 def model_config(tokenizer, preset: str = "tiny") -> Qwen3_5Config:
   """A Qwen3.5 config of the preset's shape, with the tokenizer's vocabulary and ids."""
-  shape = PRESETS[preset]
-  ids = tokenizer.convert_tokens_to_ids
-  text = Qwen3_5TextConfig(vocab_size=len(tokenizer), **shape["text"])
-  vision = Qwen3_5VisionConfig(out_hidden_size=text.hidden_size, **shape["vision"])
-  return Qwen3_5Config(
-      text=text, vision=vision, image_token_id=ids(tok.IMAGE_PAD),
-      video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids(tok.VISION_START),
-      vision_end_token_id=ids(tok.VISION_END), tie_word_embeddings=True,
-      hf_config={"eos_token_id": ids(tok.IM_END),
-                 "pad_token_id": tokenizer.pad_token_id})
+  config = Qwen3_5Config.preset(preset, vocab_size=len(tokenizer),
+                                **token_ids(tokenizer))
+  return config.replace(hf_config={
+      "eos_token_id": tokenizer.convert_tokens_to_ids(tok.IM_END),
+      "pad_token_id": tokenizer.pad_token_id})
 
 
 def write_model_dir(out_dir: str | epath.Path, preset: str = "tiny",

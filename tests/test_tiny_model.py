@@ -13,7 +13,8 @@ import transformers
 from procir_jax import dialogue, tiny_model
 from procir_jax.data import tokenizer as tok
 from procir_jax.data.image_processing import ImageProcessor
-from procir_jax.models.qwen3_5 import load_pretrained
+from procir_jax.models.qwen3_5 import Qwen3_5Config, load_pretrained
+from procir_jax.models.qwen3_5.config import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,71 @@ def test_directory_holds_a_qwen3_5_checkpoint(model_dir):
   assert config["text_config"]["vocab_size"] == len(tokenizer)
   assert config["image_token_id"] == tokenizer.convert_tokens_to_ids(tok.IMAGE_PAD)
   assert tok.EMB_TOKEN in tokenizer.get_vocab()
+
+
+def test_config_is_the_presets_with_the_tokenizers_vocabulary(model_dir):
+  tokenizer = tok.load_tokenizer(str(model_dir))
+  config = Qwen3_5Config.from_pretrained(str(model_dir))
+  assert config == Qwen3_5Config.tiny(vocab_size=len(tokenizer),
+                                      **tiny_model.token_ids(tokenizer))
+  assert config.hf_config["eos_token_id"] == tokenizer.convert_tokens_to_ids(tok.IM_END)
+
+
+def test_preprocessor_config_reads_the_same_here_and_in_transformers(model_dir):
+  """Written by ImageProcessor.save_pretrained, plus what a Qwen3.5 checkpoint's
+  file also holds: it reads back as ImageProcessor(), and transformers reads the
+  same settings."""
+  assert ImageProcessor.from_pretrained(str(model_dir)) == ImageProcessor()
+  config = json.loads((model_dir / "preprocessor_config.json").read_text())
+  assert config["processor_class"] == "Qwen3VLProcessor"
+  assert (config["min_pixels"], config["max_pixels"]) == (128 * 128, 512 * 512)
+  theirs = transformers.AutoImageProcessor.from_pretrained(str(model_dir))
+  assert (theirs.size["shortest_edge"], theirs.size["longest_edge"]) == (
+      128 * 128, 512 * 512)
+  assert (theirs.patch_size, theirs.merge_size,
+          theirs.temporal_patch_size) == (16, 2, 2)
+  assert list(theirs.image_mean) == list(theirs.image_std) == [0.5, 0.5, 0.5]
+  assert theirs.resample == 3 and theirs.do_normalize and theirs.do_rescale
+
+
+# Parameters of each preset (tiny ones with a 1000-token vocabulary): a preset's
+# shape is what tests, the embedded default and workdirs made earlier rely on.
+_PRESET_PARAMETERS = {"test": 137_684, "tiny": 499_784, "small": 1_810_488,
+                      "qwen3_5_0_8b": 852_985_920}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_keep_their_shapes(name):
+  import jax
+  from flax import nnx
+  from procir_jax.models.qwen3_5 import Qwen3_5Model
+  if name == "qwen3_5_0_8b":
+    config = Qwen3_5Config.preset(name)
+  else:
+    config = Qwen3_5Config.preset(name, vocab_size=1000, image_token_id=5,
+                                  video_token_id=6, vision_start_token_id=7,
+                                  vision_end_token_id=8)
+  assert config.vision.out_hidden_size == config.text.hidden_size
+  assert {"linear_attention", "full_attention"} == set(config.text.layer_types)
+  model = nnx.eval_shape(lambda: Qwen3_5Model(config, rngs=nnx.Rngs(0)))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == _PRESET_PARAMETERS[name]
+
+
+def test_the_0_8b_preset_is_the_default_config():
+  config = Qwen3_5Config.qwen3_5_0_8b()
+  assert config == Qwen3_5Config()
+  assert (config.text.vocab_size, config.text.hidden_size,
+          config.text.num_hidden_layers, config.vision.depth) == (248320, 1024, 24, 12)
+
+
+def test_presets_refuse_ids_outside_the_vocabulary_and_unknown_names():
+  with pytest.raises(ValueError, match="outside the vocabulary of 64"):
+    Qwen3_5Config.tiny(vocab_size=64)  # Qwen3.5's own ids are ~248k
+  with pytest.raises(TypeError, match="Unknown token id"):
+    Qwen3_5Config.tiny(vocab_size=64, image_id=5)
+  with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+    Qwen3_5Config.preset("huge")
 
 
 def assert_same_hidden_states_as_transformers(model_dir, ours=None):

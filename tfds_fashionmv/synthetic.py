@@ -52,6 +52,21 @@ class Attributes:
     return dataclasses.replace(self, **changes)
 
 
+def sample_value(rng: np.random.Generator, key: str,
+                 other_than: str | None = None) -> str:
+  """One value of attribute `key`, uniform over CHOICES[key] (without `other_than`)."""
+  options = CHOICES[key]
+  if other_than is not None:
+    options = [v for v in options if v != other_than]
+  return str(rng.choice(options))
+
+
+def sample_attributes(rng: np.random.Generator) -> Attributes:
+  """A product's attributes: each drawn uniformly and independently, in ATTRIBUTES
+  order, so one seed gives one sequence of products wherever they are drawn."""
+  return Attributes(**{k: sample_value(rng, k) for k in ATTRIBUTES})
+
+
 @dataclasses.dataclass(frozen=True)
 class Product:
   product_id: str
@@ -272,9 +287,6 @@ class _Catalogue:
     self.products: list[Product] = []
     self.by_attributes: dict[Attributes, Product] = {}
 
-  def random_attributes(self) -> Attributes:
-    return Attributes(**{k: str(self.rng.choice(CHOICES[k])) for k in ATTRIBUTES})
-
   def add(self, a: Attributes) -> Product:
     if a in self.by_attributes:
       return self.by_attributes[a]
@@ -287,7 +299,7 @@ class _Catalogue:
 
   def add_random(self) -> Product:
     while True:
-      a = self.random_attributes()
+      a = sample_attributes(self.rng)
       if a not in self.by_attributes:
         return self.add(a)
 
@@ -295,10 +307,9 @@ class _Catalogue:
     """A product that differs from `source` in 1-3 attributes (made if needed)."""
     n_changes = int(self.rng.integers(1, 4))
     keys = self.rng.choice(ATTRIBUTES, size=n_changes, replace=False)
-    changes = {}
-    for k in keys:
-      options = [v for v in CHOICES[k] if v != getattr(source.attributes, k)]
-      changes[str(k)] = str(self.rng.choice(options))
+    changes = {str(k): sample_value(self.rng, str(k),
+                                    other_than=getattr(source.attributes, k))
+               for k in keys}
     return self.add(source.attributes.replace(**changes))
 
 

@@ -13,8 +13,10 @@ from procir_jax import tiny_model
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the model.",
                                required=True)
-_PRESET = flags.DEFINE_enum("preset", "tiny", sorted(tiny_model.PRESETS),
-                            "Model size: tiny (tests) or small (the demo).")
+_PRESET = flags.DEFINE_enum(
+    "preset", "tiny", sorted(tiny_model.PRESETS),
+    "Model shape, Qwen3_5Config's preset of this name: test (quickest to compile), "
+    "tiny (tests) or small (the embedded default's demo model).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the tokenizer corpus and weights.")
 
 

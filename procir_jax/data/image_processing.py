@@ -41,6 +41,8 @@ from PIL import Image
 from procir_jax.data import resampling
 
 CONFIG_NAME = "preprocessor_config.json"
+# What AutoProcessor builds around a Qwen3.5 image processor.
+PROCESSOR_CLASS = "Qwen3VLProcessor"
 BACKENDS = ("torchvision", "pil")
 
 # What ProCIR feeds Qwen3.5: the checkpoint's patching and normalisation with a
@@ -342,6 +344,10 @@ class ImageProcessor:
     """The settings as a preprocessor_config.json that transformers reads."""
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": PROCESSOR_CLASS,
+        # Both spellings of the pixel budget, as Qwen3.5's own file has them.
+        "min_pixels": self.min_pixels,
+        "max_pixels": self.max_pixels,
         "size": {"shortest_edge": self.min_pixels,
                  "longest_edge": self.max_pixels},
         "patch_size": self.patch_size,

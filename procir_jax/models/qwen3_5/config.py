@@ -1,7 +1,19 @@
 """Qwen3.5 configuration, read from and written to Hugging Face `config.json`.
 
-The shapes always come from the checkpoint's `config.json`; the defaults below
-only matter for configs built by hand (tests, benchmarks).
+A checkpoint's shapes always come from its `config.json`. Configs built by hand
+(tests, benchmarks, the embedded default's tiny model) start from a named preset,
+the one home of every model shape in this project:
+
+  Qwen3_5Config.qwen3_5_0_8b()   Qwen3.5-0.8B (also the dataclass defaults)
+  Qwen3_5Config.small(...)       the embedded default's demo model (minutes on a CPU)
+  Qwen3_5Config.tiny(...)        tests and the CPU benchmarks
+  Qwen3_5Config.test(...)        the smallest with both layer kinds: quick compiles
+  Qwen3_5Config.preset(name, ...)  any of them by name (PRESETS)
+
+Each takes the vocabulary size and the multimodal token ids, which belong to a
+tokenizer: by default Qwen3.5's own; pass a smaller tokenizer's, e.g.
+
+  Qwen3_5Config.tiny(vocab_size=len(tokenizer), image_token_id=..., ...)
 """
 
 from __future__ import annotations
@@ -29,12 +41,27 @@ _TOP_FIELDS = (
     "vision_end_token_id", "tie_word_embeddings",
 )
 
+# Qwen3.5's tokenizer: its vocabulary (the embedding rows of every released size)
+# and its multimodal token ids.
+QWEN3_5_VOCAB_SIZE = 248320
+QWEN3_5_TOKEN_IDS = {
+    "image_token_id": 248056,
+    "video_token_id": 248057,
+    "vision_start_token_id": 248053,
+    "vision_end_token_id": 248054,
+}
+# The named shapes, smallest first: each is a classmethod of Qwen3_5Config.
+PRESETS = ("test", "tiny", "small", "qwen3_5_0_8b")
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3_5TextConfig:
-  """The hybrid decoder: Gated DeltaNet and gated attention layers."""
+  """The hybrid decoder: Gated DeltaNet and gated attention layers.
 
-  vocab_size: int = 248320
+  The defaults are Qwen3.5-0.8B's (Qwen3_5Config.qwen3_5_0_8b()).
+  """
+
+  vocab_size: int = QWEN3_5_VOCAB_SIZE
   hidden_size: int = 1024
   intermediate_size: int = 3584
   num_hidden_layers: int = 24
@@ -90,7 +117,7 @@ class Qwen3_5TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3_5VisionConfig:
-  """The ViT image tower and its 2x2 patch merger."""
+  """The ViT image tower and its 2x2 patch merger (defaults: Qwen3.5-0.8B's)."""
 
   depth: int = 12
   hidden_size: int = 768
@@ -126,20 +153,115 @@ class Qwen3_5VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3_5Config:
-  """The whole model: vision tower, decoder and the multimodal token ids."""
+  """The whole model: vision tower, decoder and the multimodal token ids.
+
+  The defaults are Qwen3.5-0.8B's; the named presets below build every other shape.
+  """
 
   text: Qwen3_5TextConfig = dataclasses.field(default_factory=Qwen3_5TextConfig)
   vision: Qwen3_5VisionConfig = dataclasses.field(
       default_factory=Qwen3_5VisionConfig)
-  image_token_id: int = 248056
-  video_token_id: int = 248057
-  vision_start_token_id: int = 248053
-  vision_end_token_id: int = 248054
+  image_token_id: int = QWEN3_5_TOKEN_IDS["image_token_id"]
+  video_token_id: int = QWEN3_5_TOKEN_IDS["video_token_id"]
+  vision_start_token_id: int = QWEN3_5_TOKEN_IDS["vision_start_token_id"]
+  vision_end_token_id: int = QWEN3_5_TOKEN_IDS["vision_end_token_id"]
   tie_word_embeddings: bool = True
   # The config.json this was read from, kept so that saving keeps every field
   # this port does not use (token ids, generation settings, ...).
   hf_config: Mapping[str, Any] | None = dataclasses.field(
       default=None, compare=False, hash=False, repr=False)
+
+  # --- named shapes ---------------------------------------------------------------
+  # In the tiny shapes head_dim * partial_rotary_factor / 2 rotary frequencies must
+  # cover sum(mrope_section); the vision tower's output width is the decoder's.
+
+  @classmethod
+  def qwen3_5_0_8b(cls, *, vocab_size: int = QWEN3_5_VOCAB_SIZE,
+                   **token_ids: int) -> "Qwen3_5Config":
+    """Qwen3.5-0.8B: 24 decoder layers (3 Gated DeltaNet : 1 attention), 12 ViT
+    blocks, tied embeddings. The paper's model and the benchmarks' GPU shape."""
+    return cls._preset(
+        dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+             linear_conv_kernel_dim=4, linear_key_head_dim=128,
+             linear_value_head_dim=128, linear_num_key_heads=16,
+             linear_num_value_heads=16, rope_theta=10_000_000.0,
+             partial_rotary_factor=0.25, mrope_section=(11, 11, 10)),
+        dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+             num_position_embeddings=2304),
+        vocab_size, token_ids)
+
+  @classmethod
+  def small(cls, *, vocab_size: int = QWEN3_5_VOCAB_SIZE,
+            **token_ids: int) -> "Qwen3_5Config":
+    """The embedded default's demo model: trains in minutes on two CPU cores."""
+    return cls._preset(
+        dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             linear_key_head_dim=32, linear_value_head_dim=32,
+             linear_num_key_heads=2, linear_num_value_heads=4,
+             mrope_section=(2, 1, 1)),
+        dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
+             num_position_embeddings=256),
+        vocab_size, token_ids)
+
+  @classmethod
+  def tiny(cls, *, vocab_size: int = QWEN3_5_VOCAB_SIZE,
+           **token_ids: int) -> "Qwen3_5Config":
+    """Tests and the CPU benchmarks: four decoder layers (one attention)."""
+    return cls._preset(
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             linear_key_head_dim=16, linear_value_head_dim=16,
+             linear_num_key_heads=2, linear_num_value_heads=4,
+             mrope_section=(2, 1, 1)),
+        dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+             num_position_embeddings=64),
+        vocab_size, token_ids)
+
+  @classmethod
+  def test(cls, *, vocab_size: int = QWEN3_5_VOCAB_SIZE,
+           **token_ids: int) -> "Qwen3_5Config":
+    """The smallest model that still has both layer kinds: quick to compile."""
+    return cls._preset(
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             layer_types=("linear_attention", "full_attention"),
+             num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+             linear_key_head_dim=16, linear_value_head_dim=16,
+             linear_num_key_heads=1, linear_num_value_heads=2,
+             mrope_section=(2, 1, 1)),
+        dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+             num_position_embeddings=64),
+        vocab_size, token_ids)
+
+  @classmethod
+  def preset(cls, name: str, **kwargs: int) -> "Qwen3_5Config":
+    """The named shape (one of PRESETS); kwargs as the preset's classmethod takes."""
+    if name not in PRESETS:
+      raise ValueError(f"Unknown preset {name!r}; choose one of {list(PRESETS)}.")
+    return getattr(cls, name)(**kwargs)
+
+  @classmethod
+  def _preset(cls, text: Mapping[str, Any], vision: Mapping[str, Any],
+              vocab_size: int, token_ids: Mapping[str, int]) -> "Qwen3_5Config":
+    unknown = set(token_ids) - set(QWEN3_5_TOKEN_IDS)
+    if unknown:
+      raise TypeError(f"Unknown token id argument(s) {sorted(unknown)}; a preset "
+                      f"takes vocab_size and {sorted(QWEN3_5_TOKEN_IDS)}.")
+    ids = {**QWEN3_5_TOKEN_IDS, **token_ids}
+    outside = {k: v for k, v in ids.items() if not 0 <= v < vocab_size}
+    if outside:
+      raise ValueError(
+          f"Token ids {outside} lie outside the vocabulary of {vocab_size}: pass "
+          "the tokenizer's own ids with its vocab_size (the defaults are "
+          "Qwen3.5's).")
+    text_config = Qwen3_5TextConfig(vocab_size=vocab_size, **text)
+    return cls(text=text_config,
+               vision=Qwen3_5VisionConfig(out_hidden_size=text_config.hidden_size,
+                                          **vision),
+               tie_word_embeddings=True, **ids)
+
+  # --- Hugging Face config.json ---------------------------------------------------
 
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any]) -> "Qwen3_5Config":
