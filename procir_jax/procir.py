@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from procir_jax import encoder
+from procir_jax import batch_forward
 from procir_jax.data.image_processing import PixelNorm
 from procir_jax.models.qwen3_5 import Qwen3_5Model
 
@@ -43,7 +43,7 @@ class ProCIR(nnx.Module):
   """The encoder and ProCIR's own parameter: the (learnable) temperature."""
 
   def __init__(self, model: Qwen3_5Model, temperature: float = 0.05,
-               pixel_norm: PixelNorm = encoder.QWEN_PIXEL_NORM):
+               pixel_norm: PixelNorm = batch_forward.QWEN_PIXEL_NORM):
     """`pixel_norm`: the model directory's image normalisation, applied on the
     device to the pipeline's uint8 patches (ImageProcessor.pixel_norm)."""
     self.model = model
@@ -61,8 +61,8 @@ class ProCIR(nnx.Module):
   def embed_together(self, parts: list[Mapping[str, jax.Array]]
                      ) -> list[tuple[jax.Array, jax.Array]]:
     """`embed` of several batches in one model pass."""
-    hiddens = encoder.encode_together(self.model, parts, self.pixel_norm)
-    return [(encoder.gather_embeddings(h, p["emb_positions"]), h)
+    hiddens = batch_forward.encode_together(self.model, parts, self.pixel_norm)
+    return [(batch_forward.gather_embeddings(h, p["emb_positions"]), h)
             for h, p in zip(hiddens, parts)]
 
 
@@ -160,7 +160,7 @@ def contrastive_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
 def sft_losses(procir: ProCIR, batch: Mapping[str, Any], cfg: LossConfig
                ) -> dict[str, jax.Array]:
   part = batch["sft"]
-  hidden = encoder.encode(procir.model, part, procir.pixel_norm)
+  hidden = batch_forward.encode(procir.model, part, procir.pixel_norm)
   return {"sft": lm_loss(procir.model, hidden, part["input_ids"],
                          part["loss_mask"] & batch["valid"][:, None],
                          cfg.lm_chunk_tokens)}

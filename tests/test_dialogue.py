@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from procir_jax import dialogue
+from procir_jax.data import dialogue
 from procir_jax.data import tokenizer as tok
 
 PAD = tok.IMAGE_PAD

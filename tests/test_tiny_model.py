@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from procir_jax import dialogue, tiny_model
+from procir_jax import tiny_model
+from procir_jax.data import dialogue
 from procir_jax.data import tokenizer as tok
 from procir_jax.data.image_processing import ImageProcessor
 from procir_jax.models.qwen3_5 import Qwen3_5Config, load_pretrained

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from procir_jax import dialogue
+from procir_jax.data import dialogue
 from procir_jax.data import fashionmv
 from procir_jax.data.image_processing import ImageProcessor
 from procir_jax.models.qwen3_5 import rope

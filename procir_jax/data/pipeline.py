@@ -20,7 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from procir_jax import dialogue
+from procir_jax.data import dialogue
 from procir_jax.data import bucketing, examples, fashionmv
 from procir_jax.data import tokenizer as tok
 from procir_jax.data.image_processing import (PROCIR_MAX_PIXELS, PROCIR_MIN_PIXELS,

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from procir_jax import dialogue, encoder
+from procir_jax import batch_forward
+from procir_jax.data import dialogue
 from procir_jax.data import bucketing, examples
 from procir_jax.data import tokenizer as tok
 from procir_jax.data.image_processing import ImageProcessor
@@ -47,7 +48,7 @@ def _model_forward(model, processor, s):
 
 def test_padded_batch_matches_per_example_forward(setup):
   model, processor, sequences, batch, _, _ = setup
-  hidden = np.asarray(jax.jit(encoder.encode)(model, encoder.numpy_batch(batch)))
+  hidden = np.asarray(jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(batch)))
   assert np.isfinite(hidden).all()
   for i, s in enumerate(sequences):
     expected = _model_forward(model, processor, s)
@@ -70,7 +71,7 @@ def test_packing_skips_empty_views_and_groups_keep_rows_images(setup):
   assert (batch["image_grid_thw"][0, :4] > 0).all() and not batch["image_grid_thw"][0, 4].any()
   assert (batch["image_grid_thw"][1, :2] > 0).all() and not batch["image_grid_thw"][1, 2:].any()
   np.testing.assert_array_equal(batch["image_slot"][1][batch["image_slot"][1] >= 0].min(), 1)
-  hidden = np.asarray(jax.jit(encoder.encode)(model, encoder.numpy_batch(batch)))
+  hidden = np.asarray(jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(batch)))
   for i, s in enumerate(rows[:3]):
     expected = _model_forward(model, processor, s)
     np.testing.assert_allclose(hidden[i, :len(s.tokens)], expected,
@@ -81,10 +82,10 @@ def test_encode_together_equals_separate_encodes(setup):
   model, _, sequences, batch, buckets, pad = setup
   captions = buckets.collate([sequences[2], sequences[0], None, sequences[1]], pad, 2,
                              False)
-  together = jax.jit(encoder.encode_together)(
-      model, [encoder.numpy_batch(batch), encoder.numpy_batch(captions),
-              encoder.numpy_batch(batch)])
-  alone = [jax.jit(encoder.encode)(model, encoder.numpy_batch(p))
+  together = jax.jit(batch_forward.encode_together)(
+      model, [batch_forward.numpy_batch(batch), batch_forward.numpy_batch(captions),
+              batch_forward.numpy_batch(batch)])
+  alone = [jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(p))
            for p in (batch, captions)]
   for got, want in zip(together, alone + alone[:1]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
@@ -93,8 +94,8 @@ def test_encode_together_equals_separate_encodes(setup):
 
 def test_embeddings_are_unit_vectors_at_emb_all(setup):
   model, _, sequences, batch, _, _ = setup
-  hidden = encoder.encode(model, encoder.numpy_batch(batch))
-  emb = np.asarray(encoder.gather_embeddings(hidden, jnp.asarray(batch["emb_positions"])))
+  hidden = batch_forward.encode(model, batch_forward.numpy_batch(batch))
+  emb = np.asarray(batch_forward.gather_embeddings(hidden, jnp.asarray(batch["emb_positions"])))
   assert emb.shape == (4, 2, model.config.text.hidden_size)
   np.testing.assert_allclose(np.linalg.norm(emb[:3], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(
@@ -110,8 +111,8 @@ def test_gradient_through_the_padded_forward_is_finite(setup):
 
   def loss(p):
     m = nnx.merge(graphdef, p)
-    h = encoder.encode(m, encoder.numpy_batch(batch))
-    return jnp.sum(encoder.gather_embeddings(h, jnp.asarray(batch["emb_positions"]))[:3])
+    h = batch_forward.encode(m, batch_forward.numpy_batch(batch))
+    return jnp.sum(batch_forward.gather_embeddings(h, jnp.asarray(batch["emb_positions"]))[:3])
 
   grads = jax.jit(jax.grad(loss))(params)
   leaves = jax.tree.leaves(grads)
