@@ -109,8 +109,6 @@ def export(model, model_dir: str, out_dir: str | os.PathLike[str], *,
       raise FileExistsError(
           f"{out} exists and holds files that are not a model export; choose "
           f"another export.dir or empty it.")
-    for stale in out.glob("model*.safetensors*") if out.exists() else ():
-      stale.unlink()  # a re-export in fewer shards must not leave old ones beside
     save_pretrained(model, str(out), dtype=_DTYPES[dtype],
                     max_shard_bytes=int(max_shard_gb * 2**30))
     write_processor_files(model_dir, out)

@@ -5,8 +5,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -209,3 +212,112 @@ def test_every_parameter_has_a_rule():
       name, _ = params_lib.nnx_to_hf_name(path)
       back, _ = params_lib.hf_to_nnx_name(name)
       assert back == path
+
+
+@pytest.mark.parametrize("transform", [params_lib.IDENTITY, params_lib.LINEAR,
+                                       params_lib.CONV1D, params_lib.PATCH],
+                         ids=lambda t: t.name)
+def test_slices_read_through_each_transform(transform):
+  shape = {"identity": (6, 8), "linear": (6, 8), "conv1d": (8, 1, 4),
+           "patch": (4, 3, 2, 2, 2)}[transform.name]
+  hf = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  whole = transform.to_nnx(hf)
+  assert transform.nnx_shape(hf.shape) == whole.shape
+  a, b = whole.shape
+  for idx in [(slice(None), slice(None)), (slice(0, a // 2), slice(b // 2, b)),
+              (slice(1, a), slice(0, 1))]:
+    src, post = transform.source_index(idx)
+    np.testing.assert_array_equal(transform.to_nnx(hf[src])[post], whole[idx])
+
+
+def test_every_layout_placed_in_slices_on_a_2d_mesh(hf_dir, tmp_path):
+  _, path = hf_dir
+  out = str(tmp_path / "sharded")
+  save_pretrained(load_pretrained(path), out, max_shard_bytes=200_000)
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+
+  def shard(param_path, shape):
+    axes = [("data", 2), ("model", 4)][-len(shape):]
+    return NamedSharding(mesh, P(*(a if d % n == 0 else None
+                                   for d, (a, n) in zip(shape, axes))))
+
+  model = load_pretrained(out, shardings=shard)
+  ref = param_paths(load_pretrained(path))
+  got = param_paths(model)
+  split = set()
+  for k, v in got.items():
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(ref[k][...]),
+                                  err_msg=k)
+    if not v[...].sharding.is_fully_replicated:
+      split.add(params_lib.hf_to_nnx_name(params_lib.nnx_to_hf_name(k)[0])[1])
+  assert {t.name for t in split} == {"identity", "linear", "conv1d", "patch"}
+
+
+def test_written_files_are_what_safetensors_and_transformers_expect(tmp_path):
+  bf16 = np.arange(6, dtype=np.float32).reshape(2, 3).astype(jnp.bfloat16)
+  f = str(tmp_path / "model.safetensors")
+  params_lib.write_safetensors(f, [("a", (2, 3), bf16.dtype, lambda: bf16),
+                                   ("b", (3, 2), np.float32, lambda: bf16.T)])
+  with safetensors.safe_open(f, framework="numpy") as st:
+    assert st.metadata() == {"format": "pt"}
+    assert st.get_slice("a").get_dtype() == "BF16"
+    np.testing.assert_array_equal(st.get_tensor("a"), bf16)
+    np.testing.assert_array_equal(st.get_tensor("b"), bf16.T.astype(np.float32))
+  with safetensors.safe_open(f, framework="pt") as st:
+    assert st.get_tensor("a").dtype == torch.bfloat16
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+  f = str(tmp_path / "model.safetensors")
+
+  def fail():
+    raise RuntimeError("device lost")
+
+  with pytest.raises(RuntimeError, match="device lost"):
+    params_lib.write_safetensors(f, [("a", (2,), np.float32, fail)])
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(ValueError, match="produced"):
+    params_lib.write_safetensors(
+        f, [("a", (2,), np.float32, lambda: np.zeros(3, np.float32))])
+  assert os.listdir(tmp_path) == []
+
+
+def test_unreadable_files_are_named(hf_dir, tmp_path):
+  _, path = hf_dir
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  with open(os.path.join(path, "config.json")) as f:
+    (bad / "config.json").write_text(f.read())
+  (bad / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
+  with pytest.raises(ValueError, match=r"bad/model.safetensors is not a "
+                     "readable safetensors file"):
+    load_pretrained(str(bad))
+  safetensors.numpy.save_file(
+      {"model.language_model.norm.weight": np.zeros(4, ml_dtypes.float8_e4m3fn)},
+      str(bad / "model.safetensors"))
+  with pytest.raises(ValueError, match="tensor model.language_model.norm.weight "
+                     "has unsupported dtype F8_E4M3"):
+    load_pretrained(str(bad))
+  (bad / "model.safetensors.index.json").write_text("{}")
+  with pytest.raises(ValueError, match="index.json is not a safetensors index"):
+    load_pretrained(str(bad))
+  (bad / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+  with pytest.raises(FileNotFoundError,
+                     match="model-00001-of-00002.safetensors is missing"):
+    load_pretrained(str(bad))
+
+
+def test_saving_again_replaces_earlier_weight_files(hf_dir, tmp_path):
+  _, path = hf_dir
+  model = load_pretrained(path)
+  out = tmp_path / "out"
+  save_pretrained(model, str(out), max_shard_bytes=200_000)
+  assert (out / "model.safetensors.index.json").exists()
+  grown = load_pretrained(path)
+  grow_vocab(grown, 2)
+  save_pretrained(grown, str(out))  # one file now: the index must go
+  assert sorted(p.name for p in out.iterdir()) == ["config.json",
+                                                   "model.safetensors"]
+  again = load_pretrained(str(out))
+  assert again.config.text.vocab_size == model.config.text.vocab_size + 2

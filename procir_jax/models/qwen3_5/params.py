@@ -1,18 +1,25 @@
-"""Hugging Face safetensors <-> NNX parameters, through one table of rules.
+"""Loading and saving Qwen3.5 as Hugging Face checkpoints: the public API.
 
-Each rule pairs a checkpoint name template with an NNX parameter path template
-and a layout transform; the same table drives loading and saving. Loading
-first plans every tensor without reading data and raises one error that lists
-every missing, unexpected and mis-shaped tensor; only then does it read, one
-tensor at a time, straight from memory-mapped files onto the target devices.
+Three modules share the work:
+  name_rules.py      the table of checkpoint-name <-> NNX-path rules and the
+                     layout transforms (one table drives loading and saving);
+  safetensors_io.py  safetensors files and (sharded) checkpoint directories;
+  params.py          this module: load_pretrained, from_state_dict,
+                     save_pretrained and param_paths.
+
+Loading first plans every tensor without reading data and raises one error
+that lists every missing, unexpected and mis-shaped tensor; only then does it
+read, one tensor at a time, each device reading only its own slice of the
+file. Saving writes one tensor at a time from the devices.
+
+The names that lived here before the split (the rules, the transforms, the
+readers and the writer) are still importable from this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -24,279 +31,25 @@ from flax import nnx
 
 from procir_jax.models.qwen3_5.config import Qwen3_5Config
 from procir_jax.models.qwen3_5.model import Qwen3_5Model
+from procir_jax.models.qwen3_5.name_rules import (CONV1D, IDENTITY, IGNORED,
+                                                  LINEAR, PATCH, RULES,
+                                                  Transform, hf_to_nnx_name,
+                                                  nnx_to_hf_name)
 from procir_jax.models.qwen3_5.options import ModelOptions
+from procir_jax.models.qwen3_5.safetensors_io import (DictReader,
+                                                      SafetensorsReader,
+                                                      write_safetensors,
+                                                      write_sharded)
 
-# ---------------------------------------------------------------------------
-# Layout transforms between torch tensors and NNX parameters.
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-  name: str
-  to_nnx: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray, Qwen3_5Config], np.ndarray]
-  nnx_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-def _patch_to_hf(x, cfg):
-  v = cfg.vision
-  return x.T.reshape(x.shape[1], v.in_channels, v.temporal_patch_size,
-                     v.patch_size, v.patch_size)
-
-
-IDENTITY = Transform("identity", lambda x: x, lambda x, cfg: x, tuple)
-# torch Linear weights are [out, in]; nnx kernels are [in, out].
-LINEAR = Transform("linear", lambda x: x.T, lambda x, cfg: x.T,
-                   lambda s: tuple(reversed(s)))
-# Depthwise Conv1d weight [channels, 1, kernel] -> [kernel, channels].
-CONV1D = Transform("conv1d", lambda x: x[:, 0, :].T,
-                   lambda x, cfg: x.T[:, None, :], lambda s: (s[2], s[0]))
-# Conv3d weight [out, C, T, P, P], stride == kernel -> matmul [C*T*P*P, out].
-PATCH = Transform("patch", lambda x: x.reshape(x.shape[0], -1).T, _patch_to_hf,
-                  lambda s: (int(np.prod(s[1:])), s[0]))
-
-# ---------------------------------------------------------------------------
-# The table. `{name:alternatives}` captures a path component; `{i}` a number.
-# Checkpoint names are matched after dropping a leading "model." (the
-# Qwen3_5ForConditionalGeneration prefix); bare Qwen3_5Model checkpoints
-# have none.
-
-_LM = "language_model.layers.{i}"
-_LMP = "language_model/layers/{i}"
-_VB = "visual.blocks.{i}"
-_VBP = "visual/blocks/{i}"
-
-RULES: tuple[tuple[str, str, Transform], ...] = (
-    ("language_model.embed_tokens.weight",
-     "language_model/embed_tokens/embedding", IDENTITY),
-    ("language_model.norm.weight", "language_model/norm/scale", IDENTITY),
-    (_LM + ".{norm:input_layernorm|post_attention_layernorm}.weight",
-     _LMP + "/{norm}/scale", IDENTITY),
-    (_LM + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight",
-     _LMP + "/mlp/{proj}/kernel", LINEAR),
-    (_LM + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.weight",
-     _LMP + "/self_attn/{proj}/kernel", LINEAR),
-    (_LM + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.bias",
-     _LMP + "/self_attn/{proj}/bias", IDENTITY),
-    (_LM + ".self_attn.{norm:q_norm|k_norm}.weight",
-     _LMP + "/self_attn/{norm}/scale", IDENTITY),
-    (_LM + ".linear_attn.{proj:in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|"
-     "out_proj}.weight", _LMP + "/linear_attn/{proj}/kernel", LINEAR),
-    (_LM + ".linear_attn.conv1d.weight", _LMP + "/linear_attn/conv1d/kernel",
-     CONV1D),
-    (_LM + ".linear_attn.{p:dt_bias|A_log}", _LMP + "/linear_attn/{p}",
-     IDENTITY),
-    (_LM + ".linear_attn.norm.weight", _LMP + "/linear_attn/norm/scale",
-     IDENTITY),
-    ("visual.patch_embed.proj.weight", "visual/patch_embed/kernel", PATCH),
-    ("visual.patch_embed.proj.bias", "visual/patch_embed/bias", IDENTITY),
-    ("visual.pos_embed.weight", "visual/pos_embed/embedding", IDENTITY),
-    (_VB + ".{norm:norm1|norm2}.weight", _VBP + "/{norm}/scale", IDENTITY),
-    (_VB + ".{norm:norm1|norm2}.bias", _VBP + "/{norm}/bias", IDENTITY),
-    (_VB + ".{m:attn.qkv|attn.proj|mlp.linear_fc1|mlp.linear_fc2}.weight",
-     _VBP + "/{m}/kernel", LINEAR),
-    (_VB + ".{m:attn.qkv|attn.proj|mlp.linear_fc1|mlp.linear_fc2}.bias",
-     _VBP + "/{m}/bias", IDENTITY),
-    ("visual.merger.norm.weight", "visual/merger/norm/scale", IDENTITY),
-    ("visual.merger.norm.bias", "visual/merger/norm/bias", IDENTITY),
-    ("visual.merger.{fc:linear_fc1|linear_fc2}.weight",
-     "visual/merger/{fc}/kernel", LINEAR),
-    ("visual.merger.{fc:linear_fc1|linear_fc2}.bias",
-     "visual/merger/{fc}/bias", IDENTITY),
-    ("lm_head.weight", "lm_head/kernel", LINEAR),
-)
-
-# Multi-token-prediction heads are not part of this model.
-_IGNORED = re.compile(r"^(model\.)?mtp\.")
-_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
-
-
-def _compile(template: str, sep: str, alts: Mapping[str, str]) -> re.Pattern:
-  """Template -> regex; alternatives are written with "." and use `sep`."""
-  out, pos = [], 0
-  for m in _PLACEHOLDER.finditer(template):
-    out.append(re.escape(template[pos:m.start()]))
-    choices = m.group(2) or alts.get(m.group(1))
-    if choices:
-      pattern = "|".join(re.escape(a.replace(".", sep))
-                         for a in choices.split("|"))
-    else:
-      pattern = r"\d+"
-    out.append(f"(?P<{m.group(1)}>{pattern})")
-    pos = m.end()
-  out.append(re.escape(template[pos:]))
-  return re.compile("^" + "".join(out) + "$")
-
-
-def _fill(template: str, groups: Mapping[str, str], sep: str) -> str:
-  other = "." if sep == "/" else "/"
-  return _PLACEHOLDER.sub(lambda m: groups[m.group(1)].replace(other, sep),
-                          template)
-
-
-def _rule(hf: str, nnx_path: str, transform: Transform):
-  # Alternatives are spelled once, in the checkpoint template.
-  alts = {m.group(1): m.group(2) for m in _PLACEHOLDER.finditer(hf)
-          if m.group(2)}
-  return (_compile(hf, ".", alts), _compile(nnx_path, "/", alts), hf,
-          nnx_path, transform)
-
-
-_COMPILED = tuple(_rule(*r) for r in RULES)
-
-
-def hf_to_nnx_name(hf_name: str) -> tuple[str, Transform] | None:
-  """Maps a checkpoint tensor name to (nnx path, transform), or None."""
-  name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
-  for hf_re, _, _, nnx_t, transform in _COMPILED:
-    m = hf_re.match(name)
-    if m:
-      return _fill(nnx_t, m.groupdict(), "/"), transform
-  return None
-
-
-def nnx_to_hf_name(path: str) -> tuple[str, Transform]:
-  """Maps an NNX parameter path to its Qwen3_5ForConditionalGeneration name."""
-  for _, nnx_re, hf_t, _, transform in _COMPILED:
-    m = nnx_re.match(path)
-    if m:
-      name = _fill(hf_t, m.groupdict(), ".")
-      if not name.startswith("lm_head"):
-        name = "model." + name
-      return name, transform
-  raise KeyError(f"No checkpoint name rule for parameter {path!r}.")
-
-
-# ---------------------------------------------------------------------------
-# safetensors files, read through memory maps (bf16 included).
-
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-@dataclasses.dataclass
-class _TensorRef:
-  path: str
-  dtype: np.dtype
-  shape: tuple[int, ...]
-  start: int
-  end: int
-
-
-class SafetensorsReader:
-  """Tensors of one or more safetensors files, read lazily by name."""
-
-  def __init__(self, files: list[str]):
-    self._refs: dict[str, _TensorRef] = {}
-    self._maps: dict[str, np.memmap] = {}
-    for path in files:
-      if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} is missing: the checkpoint's safetensors index names it.")
-      with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-      base = 8 + n
-      for name, meta in header.items():
-        if name == "__metadata__":
-          continue
-        if meta["dtype"] not in _ST_DTYPES:
-          raise ValueError(f"{path}: tensor {name} has unsupported dtype "
-                           f"{meta['dtype']}.")
-        start, end = meta["data_offsets"]
-        self._refs[name] = _TensorRef(path, _ST_DTYPES[meta["dtype"]],
-                                      tuple(meta["shape"]), base + start,
-                                      base + end)
-
-  @classmethod
-  def from_dir(cls, hf_dir: str) -> "SafetensorsReader":
-    if not os.path.isdir(hf_dir):
-      raise FileNotFoundError(
-          f"{hf_dir} is not a directory: pass a checkpoint directory holding "
-          "config.json and model.safetensors.")
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
-      return cls([os.path.join(hf_dir, f) for f in files])
-    if os.path.exists(single):
-      return cls([single])
-    raise FileNotFoundError(
-        f"No weights in {hf_dir}: expected model.safetensors, or "
-        "model.safetensors.index.json with its shards, as save_pretrained "
-        "writes them.")
-
-  def keys(self) -> list[str]:
-    return list(self._refs)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self._refs[name].shape
-
-  def get(self, name: str) -> np.ndarray:
-    """A read-only view of the tensor; pages are read only when touched."""
-    ref = self._refs[name]
-    if ref.path not in self._maps:
-      self._maps[ref.path] = np.memmap(ref.path, dtype=np.uint8, mode="r")
-    buf = self._maps[ref.path][ref.start:ref.end]
-    return buf.view(ref.dtype).reshape(ref.shape)
-
-
-class DictReader:
-  """In-memory tensors (name -> numpy-convertible array) as a reader."""
-
-  def __init__(self, tensors: Mapping[str, Any]):
-    self._tensors = tensors
-
-  def keys(self) -> list[str]:
-    return list(self._tensors)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._tensors[name].shape)
-
-  def get(self, name: str) -> np.ndarray:
-    return np.asarray(self._tensors[name])
-
-
-def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...],
-                                                     np.dtype, Callable]],
-                      metadata: Mapping[str, str] | None = None):
-  """Writes tensors one at a time.
-
-  Args:
-    path: output file.
-    entries: (name, shape, dtype, produce) where produce() returns the array;
-      it is called only when the writer reaches that tensor.
-    metadata: header metadata; transformers expects {"format": "pt"}.
-  """
-  header, offset = {}, 0
-  for name, shape, dt, _ in entries:
-    dt = np.dtype(dt)
-    if dt not in _ST_NAMES:
-      raise ValueError(f"Cannot save {name} of dtype {dt} to safetensors.")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = dict(metadata or {"format": "pt"})
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * ((-len(blob)) % 8)
-  with open(path, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name, shape, dt, produce in entries:
-      x = np.ascontiguousarray(produce(), dtype=np.dtype(dt))
-      if x.shape != tuple(shape):
-        raise ValueError(f"{name}: produced {x.shape}, header says {shape}.")
-      f.write(x.tobytes())
-
+__all__ = [
+    # This module's own API.
+    "ShardingSpec", "from_state_dict", "load_pretrained", "param_paths",
+    "save_pretrained",
+    # Re-exported from name_rules and safetensors_io.
+    "CONV1D", "IDENTITY", "LINEAR", "PATCH", "RULES", "Transform",
+    "hf_to_nnx_name", "nnx_to_hf_name", "DictReader", "SafetensorsReader",
+    "write_safetensors", "Qwen3_5Model",
+]
 
 # ---------------------------------------------------------------------------
 # Loading.
@@ -315,12 +68,24 @@ def param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
   return out
 
 
-def _place(view: np.ndarray, dtype, sharding) -> jax.Array:
+def _place(reader, name: str, transform: Transform, dtype: np.dtype,
+           sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """Reads checkpoint tensor `name` into an NNX-layout array on devices."""
   if sharding is None:
-    return jnp.asarray(np.asarray(view, dtype=dtype))
-  # Each device reads only its own slice of the (memory-mapped) tensor.
-  return jax.make_array_from_callback(
-      view.shape, sharding, lambda idx: np.asarray(view[idx], dtype=dtype))
+    return jnp.asarray(np.asarray(transform.to_nnx(reader.get(name)),
+                                  dtype=dtype))
+
+  def read(idx):
+    # Each device reads only its own slice of the tensor.
+    if transform.source_index is None:
+      piece = transform.to_nnx(reader.get(name))[idx]
+    else:
+      src, post = transform.source_index(idx)
+      piece = transform.to_nnx(reader.read(name, src))[post]
+    return np.asarray(piece, dtype=dtype)
+
+  shape = transform.nnx_shape(reader.shape(name))
+  return jax.make_array_from_callback(shape, sharding, read)
 
 
 def load_pretrained(hf_dir: str, dtype=jnp.float32, *,
@@ -352,8 +117,9 @@ def load_pretrained(hf_dir: str, dtype=jnp.float32, *,
     ValueError: listing every missing, unexpected and mis-shaped tensor.
   """
   cfg = config or Qwen3_5Config.from_pretrained(hf_dir)
-  return _load(cfg, SafetensorsReader.from_dir(hf_dir), hf_dir, dtype=dtype,
-               param_dtype=param_dtype, shardings=shardings, options=options)
+  with SafetensorsReader.from_dir(hf_dir) as reader:
+    return _load(cfg, reader, hf_dir, dtype=dtype, param_dtype=param_dtype,
+                 shardings=shardings, options=options)
 
 
 def from_state_dict(config: Qwen3_5Config, tensors: Mapping[str, Any],
@@ -367,11 +133,11 @@ def from_state_dict(config: Qwen3_5Config, tensors: Mapping[str, Any],
 
 def _load(cfg, reader, source, *, dtype, param_dtype, shardings, options):
   names = reader.keys()
-  ignored = [n for n in names if _IGNORED.match(n)]
+  ignored = [n for n in names if IGNORED.match(n)]
   if ignored:
     logging.info("Ignoring %d multi-token-prediction tensors (mtp.*) in %s.",
                  len(ignored), source)
-  names = [n for n in names if not _IGNORED.match(n)]
+  names = [n for n in names if not IGNORED.match(n)]
 
   head = [n for n in names if n in ("lm_head.weight", "model.lm_head.weight")]
   if cfg.tie_word_embeddings and head:
@@ -422,13 +188,13 @@ def _load(cfg, reader, source, *, dtype, param_dtype, shardings, options):
     raise ValueError("\n".join(lines))
 
   for name, path, transform in plan:
-    view = transform.to_nnx(reader.get(name))
     sharding = None
     if callable(shardings):
-      sharding = shardings(path, tuple(view.shape))
+      sharding = shardings(path, transform.nnx_shape(reader.shape(name)))
     elif shardings is not None:
       sharding = shardings.get(path)
-    params[path].set_value(_place(view, np.dtype(param_dtype), sharding))
+    params[path].set_value(_place(reader, name, transform,
+                                  np.dtype(param_dtype), sharding))
   return model
 
 
@@ -449,14 +215,15 @@ def save_pretrained(model: Qwen3_5Model, out_dir: str, *, dtype=None,
 
   Args:
     model: the model to save.
-    out_dir: created if missing.
+    out_dir: created if missing. Weight files of an earlier save there are
+      replaced.
     dtype: storage dtype of the saved tensors; defaults to the params' own.
     max_shard_bytes: above this, tensors are split over several files with a
       model.safetensors.index.json, as transformers does.
   """
   os.makedirs(out_dir, exist_ok=True)
   cfg = model.config
-  entries = []  # (name, hf shape, dtype, produce, nbytes)
+  entries = []  # (name, hf shape, dtype, produce)
   for path, var in sorted(param_paths(model).items()):
     name, transform = nnx_to_hf_name(path)
     value = var.get_value()
@@ -464,29 +231,11 @@ def save_pretrained(model: Qwen3_5Model, out_dir: str, *, dtype=None,
     dt = np.dtype(dtype if dtype is not None else value.dtype)
 
     def produce(value=value, transform=transform, dt=dt):
-      return transform.to_hf(np.asarray(jax.device_get(value)).astype(dt), cfg)
+      return transform.to_hf(
+          np.asarray(jax.device_get(value)).astype(dt, copy=False), cfg)
 
-    entries.append((name, shape, dt, produce,
-                    int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
-  shards, cur, size = [], [], 0
-  for e in entries:
-    if cur and size + e[4] > max_shard_bytes:
-      shards.append(cur)
-      cur, size = [], 0
-    cur.append(e)
-    size += e[4]
-  shards.append(cur)
-
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = ("model.safetensors" if len(shards) == 1 else
-             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-    write_safetensors(os.path.join(out_dir, fname), [e[:4] for e in shard])
-    weight_map.update({e[0]: fname for e in shard})
-  if len(shards) > 1:
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(e[4] for e in entries)},
-                 "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    entries.append((name, shape, dt, produce))
+  write_sharded(out_dir, entries, max_shard_bytes)
 
   d = cfg.to_hf_dict()
   saved = {e[2] for e in entries}
