@@ -85,8 +85,14 @@ def get_config() -> ml_collections.ConfigDict:
       dir="", checkpoint="best", dtype="bfloat16", max_shard_gb=5.0))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Several hosts (procir_jax/main.py, README "Sharding and hosts"): coordinator_address
+  # "" runs alone, "auto" lets JAX find the cluster (TPU pod slice, Slurm, ...),
+  # "HOST:PORT" with num_processes and process_id names it. A process silent for
+  # heartbeat_timeout_s (dead, or its host lost) stops all the others; they wait up to
+  # initialization_timeout_s for each other at start.
   c.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=1, process_id=0))
+      coordinator_address="", num_processes=1, process_id=0, heartbeat_timeout_s=100,
+      initialization_timeout_s=300))
 
   # backends: exact search (the released protocol's numbers) and, beside it, ScaNN
   # with its top-10 overlap with exact; validation during training uses exact only.

@@ -16,8 +16,9 @@ three core mechanisms; so this config takes the core path. `--config.procir.sft=
 `model.hf_dir` is a local Qwen3.5-0.8B directory (config.json, safetensors, tokenizer,
 preprocessor_config.json); `data.manual_dir` is the FashionMV release laid out as the
 README's TFDS section says (data/*.jsonl and images/). The first run builds the TFDS
-dataset into <workdir>/tfds (or `data.data_dir`), then trains the contrastive stage, validating on DeepFashion every `train.eval_every` steps and keeping
-the best checkpoints by Average_R@10, and ends with the full evaluation
+dataset into <workdir>/tfds (or `data.data_dir`), then trains the contrastive stage,
+validating on DeepFashion every `train.eval_every` steps and keeping the best
+checkpoints by Average_R@10, and ends with the full evaluation
 (<workdir>/eval/results.json). Rerunning the same command resumes from the latest
 checkpoint.
 
@@ -27,9 +28,9 @@ On a TPU VM pod slice, run the same command on every host at once, e.g.
       python -m procir_jax.main --config=configs/procir_0_8b.py --workdir=gs://BUCKET/procir_0_8b \
       --config.model.hf_dir=/mnt/disks/data/Qwen3.5-0.8B \
       --config.data.manual_dir=/mnt/disks/data/FashionMV \
-      --config.data.data_dir=gs://BUCKET/tfds"
+      --config.data.data_dir=gs://BUCKET/tfds --config.distributed.coordinator_address=auto"
 
-JAX discovers the slice's hosts by itself on Cloud TPU; elsewhere set
+With `coordinator_address=auto` JAX discovers the slice's hosts on Cloud TPU; elsewhere set
 `--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
 --config.distributed.process_id=I` on each host. Build the TFDS data once beforehand
 (`tfds build ...`, see README) when many hosts share `data.data_dir`. Expect the

@@ -1,7 +1,6 @@
 """The main job end to end on the embedded default, shrunk to a few steps."""
 
 import json
-import subprocess
 import sys
 import pathlib
 
@@ -104,14 +103,40 @@ def test_export_is_a_hugging_face_directory_of_the_trained_model(trained, tmp_pa
   assert load_pretrained(str(out)).config == exported.config
 
 
+@pytest.fixture
+def run_main(tmp_path, monkeypatch):
+  """Calls `procir_jax.main.main` in this process with the base config and flags."""
+  import importlib
+
+  from absl import flags
+
+  def forget_main():
+    # absl flags are global: other tests in this process (bench/tpu_compile.py)
+    # define --config themselves, and a fresh import of main defines it again.
+    for name in list(flags.FLAGS):
+      if name in ("config", "workdir", "traceback") or name.startswith("config."):
+        delattr(flags.FLAGS, name)
+    sys.modules.pop("procir_jax.main", None)
+
+  forget_main()
+  main_lib = importlib.import_module("procir_jax.main")
+  monkeypatch.chdir(REPO)
+
+  def run(mode: str = "train"):
+    flags.FLAGS(["main", "--config=configs/base.py", f"--workdir={tmp_path}"])
+    main_lib._CONFIG.value.mode = mode  # pylint: disable=protected-access
+    return main_lib.main(["main"])
+
+  yield run
+  flags.FLAGS.unparse_flags()
+  forget_main()
+
+
 def test_exit_status_tells_preemption_and_user_errors_from_crashes(
-    tmp_path, monkeypatch, capsys):
+    run_main, tmp_path, monkeypatch, capsys):
   """Preempted: one line and 75 (EX_TEMPFAIL), so a scheduler requeues. An error that
   is the user's to fix: one line and 2, the trace in <workdir>/errors.log. Anything
   else: its traceback."""
-  from absl import flags
-
-  from procir_jax import main as main_lib
   from procir_jax.train import loop as loop_lib
 
   def preempted(config, workdir):
@@ -123,34 +148,27 @@ def test_exit_status_tells_preemption_and_user_errors_from_crashes(
   def bug(config, workdir):
     raise KeyError("a bug")
 
-  monkeypatch.chdir(REPO)
-  flags.FLAGS(["main", "--config=configs/base.py", f"--workdir={tmp_path}"])
-  try:
-    for run, code in ((preempted, 75), (bad_input, 2)):
-      monkeypatch.setattr(experiment, "run_train", run)
-      with pytest.raises(SystemExit) as exit_info:
-        main_lib.main(["main"])
-      assert exit_info.value.code == code
-    out, err = capsys.readouterr()
-    assert out.strip().splitlines()[-1] == "Preempted (SIGTERM) at step 3: saved"
-    assert err.strip().splitlines()[-1].startswith(
-        "Error: /data/x.jsonl not found: put the release there (full trace in ")
-    assert "Traceback" not in out + err
-    assert "bad_input" in (tmp_path / "errors.log").read_text()
-    monkeypatch.setattr(experiment, "run_train", bug)
-    with pytest.raises(KeyError):
-      main_lib.main(["main"])
-  finally:
-    flags.FLAGS.unparse_flags()
+  for run, code in ((preempted, 75), (bad_input, 2)):
+    monkeypatch.setattr(experiment, "run_train", run)
+    with pytest.raises(SystemExit) as exit_info:
+      run_main()
+    assert exit_info.value.code == code
+  out, err = capsys.readouterr()
+  assert out.strip().splitlines()[-1] == "Preempted (SIGTERM) at step 3: saved"
+  assert err.strip().splitlines()[-1].startswith(
+      "Error: /data/x.jsonl not found: put the release there (full trace in ")
+  assert "Traceback" not in out + err
+  assert "bad_input" in (tmp_path / "errors.log").read_text()
+  monkeypatch.setattr(experiment, "run_train", bug)
+  with pytest.raises(KeyError):
+    run_main()
 
 
-def test_command_line_rejects_unknown_modes(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "procir_jax.main", "--config=configs/base.py",
-       f"--workdir={tmp_path}", "--config.mode=dance"],
-      cwd=REPO, capture_output=True, text=True)
-  assert result.returncode != 0
-  assert "config.mode must be one of" in result.stderr
+def test_command_line_rejects_unknown_modes(run_main):
+  from absl import app
+
+  with pytest.raises(app.UsageError, match="config.mode must be one of"):
+    run_main(mode="dance")
 
 
 def test_eval_backends_come_from_the_config():

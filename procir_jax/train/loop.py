@@ -23,22 +23,27 @@ from procir_jax.train import step as step_lib
 class Preemption:
   """Turns SIGTERM (how TPU VMs and schedulers preempt) into a step to stop at.
 
-  One process: a SIGTERM handler sets a flag. Several (jax.distributed): JAX's
-  preemption service catches the SIGTERM of any process and all of them stop at the
-  same step (`multihost_utils.reached_preemption_sync_point`, as Orbax's and MaxText's
-  loops do), so that they save the same checkpoint together.
+  One process: a SIGTERM handler sets a flag. Several with JAX's distributed runtime:
+  its preemption service catches the SIGTERM of any process and all of them stop at
+  the same step (`multihost_utils.reached_preemption_sync_point`, as Orbax's and
+  MaxText's loops do), so that they save the same checkpoint together. Several
+  without it: each process's own flag, agreed on by all every `sync_every` steps.
   """
 
-  def __init__(self):
+  def __init__(self, sync_every: int = 10):
     self._event = threading.Event()
     self._previous = None
-    self._multihost = False
+    self._mode = "local"
+    self._sync_every = sync_every
 
   def __enter__(self):
-    self._multihost = jax.process_count() > 1 and bool(
-        jax.config.jax_enable_preemption_service)
-    if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    if jax.process_count() > 1 and jax.distributed.is_initialized() and bool(
+        jax.config.jax_enable_preemption_service):
+      self._mode = "service"
+    else:
+      self._mode = "agree" if jax.process_count() > 1 else "local"
+      if threading.current_thread() is threading.main_thread():
+        self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
   def __exit__(self, *exc):
@@ -47,8 +52,13 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; called once for every step."""
-    if self._multihost:
+    if self._mode == "service":
       return multihost_utils.reached_preemption_sync_point(step)
+    if self._mode == "agree":
+      if step % self._sync_every:
+        return False
+      return bool(np.max(multihost_utils.process_allgather(
+          np.int32(self._event.is_set()))))
     return self._event.is_set()
 
 
