@@ -5,9 +5,10 @@
 With no data or model given it writes a synthetic FashionMV into the workdir, builds
 the TFDS dataset, creates a small random Qwen3.5 directory, trains with all four
 mechanisms on (two-stage dialogue, caption alignment, chain of thought, an SFT stage
-first), evaluates with the released protocol and prints the results table. Expect
-about 8 minutes on 2 CPU cores and recall@10 far above the chance level printed beside
-the table (measured on 2 cores: 7.6 minutes; average R@10 60.6, chance 9.4). Every
+first), evaluates with the released protocol (5 views per product) and prints the
+results table. Expect about 10 minutes on 2 CPU cores and recall@10 far above the
+chance level printed beside the table (measured on 2 cores: 10.1 minutes; average R@10
+60.6, chance 9.4). Every
 value can be overridden, e.g. `--config.train.steps=50`.
 """
 
