@@ -18,6 +18,7 @@ def _load_bench():
   return bench
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_runs_on_cpu(capsys):
   bench = _load_bench()
   bench.main(["--preset=tiny", "--batch=2", "--views=1", "--iters=1"])

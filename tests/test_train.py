@@ -264,6 +264,7 @@ def test_nonfinite_updates_are_caught_on_the_device_and_skips_checkpointed(
   assert step == 3 and int(restored["nonfinite_steps"]) == 3
 
 
+@pytest.mark.slow
 def test_profile_steps_trace_exactly_those_steps(tmp_path, fashionmv_data_dir,
                                                  test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir, steps=3)
