@@ -1,4 +1,4 @@
-"""What the model benchmarks share: model shapes, the HF config, FLOP counts.
+"""What the benchmarks share: model shapes, the HF config, FLOP counts, timing.
 
 Both sides of a benchmark build their model from `hf_config(model)`: transformers
 reads it directly and this port through `Qwen3_5Config.from_hf_dict`, so the two
@@ -132,8 +132,12 @@ def forward_flops(cfg: Qwen3_5Config, batch, length, thw) -> float:
   return vision_flops(cfg, thw) + decoder_flops(cfg, [length] * batch)
 
 
-def timed(fn, sync, iters, warmup=2):
-  """(seconds per call, last output) of `fn` after `warmup` calls."""
+def timed(fn, *, iters: int = 1, warmup: int = 0, sync=None):
+  """(seconds per call, last output) of `iters` calls of `fn` after `warmup` calls.
+
+  `sync(output)` waits for asynchronous work (JAX's dispatch, CUDA streams) to end,
+  so that the clock stops when the work does; None when `fn` is synchronous."""
+  sync = sync or (lambda out: out)
   for _ in range(warmup):
     sync(fn())
   start = time.perf_counter()
@@ -222,15 +226,14 @@ def make_triplets(count: int, views: int, image_size: int, seed: int = 0):
 def pipeline_batch(config, model_dir: str, mode: str, records, mesh=None):
   """One batch of `records` through the pipeline's own example and collate steps.
 
-  `config`: an experiment config (its data and procir sections); `model_dir`: the
+  `config`: a run's config (its data and procir sections); `model_dir`: the
   tokenizer and processor settings; `mode`: a pipeline mode; `mesh`: the mesh the
   batch will be split over (None: one device).
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from procir_jax import experiment  # pylint: disable=g-import-not-at-top
+  from procir_jax import factories  # pylint: disable=g-import-not-at-top
   from procir_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  paths = experiment.Paths(epath.Path(model_dir), "", model_dir)
-  dcfg = experiment.data_config(config, paths, batch_size=len(records), mesh=mesh)
+  dcfg = factories.data_config(config, data_dir="", model_dir=model_dir,
+                               batch_size=len(records), mesh=mesh)
   builder, pad_id = pipeline.make_builder(dcfg)
   make = pipeline.MakeExample(builder, mode, dcfg.buckets, skip_bad=False)
   items = [make.map((i, record)) for i, record in enumerate(records)]

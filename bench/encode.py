@@ -9,9 +9,9 @@ PyTorch model) in the compute dtype, on the same token ids and normalised pixels
 its own layout, and returns last hidden states, from which the embeddings are read.
 
   # CPU, CI-sized (about a minute):
-  python bench/encode.py --preset=tiny
+  python -m bench.encode --preset=tiny
   # GPU, the Qwen3.5-0.8B shape, 4 views of 256x256, 32 products per batch, bf16:
-  python bench/encode.py --preset=0.8b
+  python -m bench.encode --preset=0.8b
 
 Prints products/s for each side, their ratio, model FLOP utilisation (analytic forward
 FLOPs over real tokens and patches / time / the card's dense bf16 peak) on known GPUs,
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 import time
 
 # JAX must not grab most of the GPU: PyTorch shares it in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
@@ -49,10 +46,9 @@ from procir_jax.models.qwen3_5 import ModelOptions, Qwen3_5Config  # noqa: E402
 from procir_jax.models.qwen3_5 import from_state_dict  # noqa: E402
 from procir_jax.models.qwen3_5.config import QWEN3_5_VOCAB_SIZE  # noqa: E402
 
-# Shared with the other model benchmarks (this file's folder is on sys.path).
-from common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
-from common import make_products, pipeline_batch, timed, torch_to_numpy  # noqa: E402
-from common import transformers_inputs  # noqa: E402
+from bench.common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
+from bench.common import make_products, pipeline_batch, timed, torch_to_numpy  # noqa: E402
+from bench.common import transformers_inputs  # noqa: E402
 
 PRESETS = {
     # The Qwen3.5-0.8B shape: 32 products of 4 views of 256x256 per batch, bf16.
@@ -176,7 +172,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     encoder.embed(params, inputs)
     print(f"jax compile + first call {time.perf_counter() - t0:.1f}s", flush=True)
-    j_time, j_emb = timed(lambda: encoder.embed(params, inputs), lambda x: x, iters)
+    j_time, j_emb = timed(lambda: encoder.embed(params, inputs),
+                           iters=iters, warmup=2, sync=jax.block_until_ready)
     j_emb = j_emb[:, 0]
     report("jax", j_time)
   if args.skip_torch:
@@ -187,8 +184,8 @@ def main(argv=None):
   sync = (lambda x: torch.cuda.synchronize()) if device == "cuda" else (
       lambda x: None)
   with torch.inference_mode():
-    t_time, t_out = timed(lambda: hf.model(**t_args).last_hidden_state, sync,
-                          iters)
+    t_time, t_out = timed(lambda: hf.model(**t_args).last_hidden_state,
+                          iters=iters, warmup=2, sync=sync)
   report("transformers", t_time)
   if j_time is None:
     return

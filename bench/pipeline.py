@@ -1,6 +1,6 @@
 """Input pipeline speed: contrastive examples per second per CPU core.
 
-  python bench/pipeline.py [--examples=96] [--model_examples_per_s=N]
+  python -m bench.pipeline [--examples=96] [--model_examples_per_s=N]
 
 On synthetic FashionMV products of 4 views at 256x256 it measures, on one core:
 * this project's path (array_record read, OpenCV decode, NumPy patching, dialogue
@@ -130,7 +130,8 @@ def _transformers(records, model_dir, n):
     views = lambda k: [{"type": "image"}] * k  # noqa: E731
     render([{"role": "user", "content": views(len(grids["source"]))},
             {"role": "assistant", "content": "<emb_all>"},
-            {"role": "user", "content": joined.triplet.texts["modification_text_short"]},
+            {"role": "user",
+             "content": joined.triplet.texts["modification_text_short"]},
             {"role": "assistant", "content": "<emb_all>"}], grids["source"])
     render([{"role": "user", "content": views(len(grids["target"]))},
             {"role": "assistant", "content": "<emb_all>"}], grids["target"])
@@ -168,7 +169,8 @@ def main(argv):
   print(f"  ratio          {peer / ours:8.2f}x")
   print("  procir_jax time by stage:")
   for stage, seconds in stages.items():
-    print(f"    {stage:14s} {seconds / ours:6.1%}  ({1e3 * seconds / n:.2f} ms/example)")
+    print(f"    {stage:14s} {seconds / ours:6.1%}  "
+          f"({1e3 * seconds / n:.2f} ms/example)")
   if _MODEL_RATE.value:
     cores = _MODEL_RATE.value / (n / ours)
     print(f"  cores to feed {_MODEL_RATE.value:.0f} examples/s: {cores:.1f}")

@@ -6,8 +6,8 @@ unit centres with points scattered around them (cosine to the centre about
 `1 / sqrt(1 + spread^2)`); each query is a gallery point plus noise, as a
 composed query lands near, not on, its target.
 
-  python bench/search.py                      # 100K x 1024, about a minute
-  python bench/search.py --num=1000000 --exact_queries=500   # 1M, ~16 GB RAM
+  python -m bench.search                      # 100K x 1024, about a minute
+  python -m bench.search --num=1000000 --exact_queries=500   # 1M, ~16 GB RAM
 
 Prints, for each backend, build time, queries/s and recall@10, then the
 ratio. Recall@10 is the mean share of exact search's top 10 that a backend
@@ -22,15 +22,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import timed  # noqa: E402
 from procir_jax.eval import search  # noqa: E402
 
 
@@ -69,15 +68,6 @@ def cpu_name():
   return platform.processor() or platform.machine()
 
 
-def timed(fn, *args, repeats=1):
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn(*args)
-    best = min(best, time.perf_counter() - start)
-  return out, best
-
-
 def overlap(a, b, k):
   return float(np.mean([len(set(x[:k]) & set(y[:k])) / k
                         for x, y in zip(a.tolist(), b.tolist())]))
@@ -103,7 +93,7 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=10)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--repeats", type=int, default=2,
-                 help="timed passes per backend; the fastest counts")
+                 help="timed passes per backend (their mean counts)")
   p.add_argument("--scann", action="append", default=[],
                  metavar="FIELD=VALUE",
                  help="override a ScannSettings field (repeatable)")
@@ -126,13 +116,13 @@ def main(argv=None):
   exact.search(queries[:exact.query_batch_size], args.k)
   exact_build = time.perf_counter() - t0
   timed_q = queries[:args.exact_queries] if args.exact_queries else queries
-  (exact_idx, _), exact_time = timed(exact.search, timed_q, args.k,
-                                     repeats=args.repeats)
+  exact_time, (exact_idx, _) = timed(lambda: exact.search(timed_q, args.k),
+                                     iters=args.repeats)
   if len(timed_q) < len(queries):
     rest = exact.search(queries[len(timed_q):], args.k)[0]
     exact_idx = np.concatenate([exact_idx, rest])
   exact_qps = len(timed_q) / exact_time
-  del exact
+  exact = None  # frees its device copy of the gallery before ScaNN builds
 
   overrides = {}
   for item in args.scann:
@@ -145,8 +135,8 @@ def main(argv=None):
   scann = search.ScannSearch(gallery, settings=overrides)
   scann_build = time.perf_counter() - t0
   scann.search(queries[:256], args.k)  # Warm-up.
-  (scann_idx, _), scann_time = timed(scann.search, queries, args.k,
-                                     repeats=args.repeats)
+  scann_time, (scann_idx, _) = timed(lambda: scann.search(queries, args.k),
+                                     iters=args.repeats)
   scann_qps = len(queries) / scann_time
 
   s = scann.settings

@@ -4,13 +4,13 @@ libtpu compiles for a topology it is only told about, so a CPU machine can see w
 step costs on a TPU slice before anyone rents one:
 
   # The 0.8B contrastive, SFT and evaluation steps on a v5p slice, 32 per chip:
-  python bench/tpu_compile.py --config=configs/procir_0_8b.py --config.procir.cot=False \
-      --topology=v5p:2x2x1 --per_chip_batch=32
+  python -m bench.tpu_compile --config=configs/procir_0_8b.py \
+      --config.procir.cot=False --topology=v5p:2x2x1 --per_chip_batch=32
   # The largest per-chip batch of each step that fits with 10% HBM headroom:
-  python bench/tpu_compile.py --config=configs/procir_0_8b.py --config.procir.cot=False \
-      --topology=v5e:2x2 --find_batch
+  python -m bench.tpu_compile --config=configs/procir_0_8b.py \
+      --config.procir.cot=False --topology=v5e:2x2 --find_batch
   # Evaluation encode of 5 views of 512x512 per product:
-  python bench/tpu_compile.py --config=configs/procir_0_8b.py --topology=v5e:2x2 \
+  python -m bench.tpu_compile --config=configs/procir_0_8b.py --topology=v5e:2x2 \
       --steps=encode --per_chip_batch=64 --encode_views=5 --encode_image_size=512
 
 It builds the mesh of `config.mesh` on the slice's chips, makes one batch of each step
@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -46,8 +45,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # processes that load it (tests, a second planner) may run at the same time.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -56,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from procir_jax import experiment  # noqa: E402
+from procir_jax import factories  # noqa: E402
 from procir_jax import procir as procir_lib  # noqa: E402
 from procir_jax import tiny_model  # noqa: E402
 from procir_jax.data import tokenizer as tok  # noqa: E402
@@ -67,8 +64,8 @@ from procir_jax import sharding  # noqa: E402
 from procir_jax.train import optimizer as opt_lib  # noqa: E402
 from procir_jax.train import step as step_lib  # noqa: E402
 
-from common import Chip, batch_forward_flops, hf_config, tpu_chip  # noqa: E402
-from common import make_products, make_triplets, pipeline_batch  # noqa: E402
+from bench.common import Chip, batch_forward_flops, hf_config, tpu_chip  # noqa: E402
+from bench.common import make_products, make_triplets, pipeline_batch  # noqa: E402
 
 STEPS = ("contrastive", "sft", "encode")
 GIB = 2.0 ** 30
@@ -116,7 +113,8 @@ class StepReport:
     bound = "compute" if self.compute_s >= self.memory_s else "memory"
     return (f"{self.step:<12}{self.per_chip_batch:>6}{self.argument_gib:>8.2f}"
             f"{self.output_gib - self.alias_gib:>8.2f}{self.temp_gib:>8.2f}"
-            f"{self.total_gib:>8.2f} /{self.hbm_gib:>4.0f} {'yes' if self.fits else 'NO':<4}"
+            f"{self.total_gib:>8.2f} /{self.hbm_gib:>4.0f} "
+            f"{'yes' if self.fits else 'NO':<4}"
             f"{self.flops / 1e12:>9.3g}{self.model_flops / 1e12:>9.3g}"
             f"{self.bytes_accessed / 1e9:>9.4g}"
             f"{self.bytes_accessed / 1e9 / self.per_chip_batch:>8.3g}"
@@ -154,7 +152,7 @@ def model_and_inputs_dir(config, scratch: str) -> tuple[Qwen3_5Config, str]:
       cfg = Qwen3_5Config.from_hf_dict(hf_config("0.8b", token_ids=(
           ids(tok.IMAGE_PAD), ids("<|video_pad|>"), ids(tok.VISION_START),
           ids(tok.VISION_END))).to_dict())
-  # <emb_all> grows the vocabulary when the tokenizer lacks it (experiment.load_model).
+  # <emb_all> grows the vocabulary when the tokenizer lacks it (factories.load_model).
   vocab = max(cfg.text.vocab_size, len(tokenizer))
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
   return cfg, model_dir
@@ -209,6 +207,7 @@ class Planner:
                exact_costs: bool = True, scratch: str):
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     self.config, self.topology, self.headroom = config, topology, headroom
+    self._reports: dict[tuple[str, int], StepReport] = {}
     self.chip: Chip = tpu_chip(topology)
     devices = topologies.get_topology_desc(topology, "tpu").devices
     self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
@@ -218,7 +217,7 @@ class Planner:
     self.records = Records(views, image_size, encode_views, encode_image_size,
                            config.seed)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
-    options = experiment.model_options(config, self.mesh)
+    options = factories.model_options(config, self.mesh)
     if exact_costs:  # XLA's cost analysis counts a loop body once: unroll them all
       options = dataclasses.replace(options, unroll_loops=True)
     pixel_norm = ImageProcessor.from_pretrained(self.model_dir).pixel_norm
@@ -254,11 +253,12 @@ class Planner:
       part = abstract(batch["document"], self.mesh)
       return (encoder.lower(params, part), describe(batch["document"]),
               batch_forward_flops(self.cfg, batch, ["document"]))
-    train_cfg = config.train if step == "contrastive" else experiment.stage_config(
+    train_cfg = config.train if step == "contrastive" else factories.stage_config(
         config, "sft")
     trainer = step_lib.Trainer(
-        self.procir, opt_lib.make_optimizer(train_cfg, nnx.state(self.procir, nnx.Param)),
-        self.mesh, experiment.loss_config(config), mode=step, cot=config.procir.cot)
+        self.procir,
+        opt_lib.make_optimizer(train_cfg, nnx.state(self.procir, nnx.Param)),
+        self.mesh, factories.loss_config(config), mode=step, cot=config.procir.cot)
     names = [n for n in ("query", "document", "source_caption", "target_caption",
                          "sft") if n in batch]
     flops = 3 * batch_forward_flops(self.cfg, batch, names)
@@ -270,14 +270,23 @@ class Planner:
     return trainer.lower(abstract(batch, self.mesh)), shapes, flops
 
   def compile(self, step: str, per_chip_batch: int) -> StepReport:
+    """The report of `step` compiled for `per_chip_batch` (each compiled once: a
+    batch search and the reports printed beside it share their compiles)."""
     if step not in STEPS:
       raise ValueError(f"Unknown step {step!r}; choose from {STEPS}.")
+    key = (step, per_chip_batch)
+    if key not in self._reports:
+      self._reports[key] = self._compile(step, per_chip_batch)
+    return self._reports[key]
+
+  def _compile(self, step: str, per_chip_batch: int) -> StepReport:
     start = time.perf_counter()
     report = StepReport(step=step, topology=self.topology, chip=self.chip.name,
                         chips=self.chips, per_chip_batch=per_chip_batch, shapes="",
                         hbm_gib=self.chip.hbm_bytes / GIB, headroom=self.headroom,
                         compile_s=0.0)
-    lowered, report.shapes, model_flops = self._lower(step, per_chip_batch * self.shards)
+    lowered, report.shapes, model_flops = self._lower(
+        step, per_chip_batch * self.shards)
     try:
       compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
@@ -392,7 +401,8 @@ def main(argv):
     reports = []
     for step in _STEPS.value:
       if _FIND.value:
-        best = planner.find_batch(step, _MAX.value, lambda r: print(r.row(), flush=True))
+        best = planner.find_batch(step, _MAX.value,
+                                  lambda r: print(r.row(), flush=True))
         print(f"-> {step}: largest per-chip batch that fits with "
               f"{_HEADROOM.value:.0%} headroom: "
               f"{best.per_chip_batch if best else 'none'}", flush=True)

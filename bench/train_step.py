@@ -8,9 +8,9 @@ d against the target caption), all on L2-normalised hidden states at `<emb_all>`
 then backward and a clipped AdamW update.
 
   # CPU, CI-sized (about a minute on 2 cores; MFU against a measured jnp.dot rate):
-  python bench/train_step.py
+  python -m bench.train_step
   # GPU, the Qwen3.5-0.8B shape: 8 triplets, 4 views of 256x256, bf16:
-  python bench/train_step.py --preset=0.8b --peak_tflops=989
+  python -m bench.train_step --preset=0.8b --peak_tflops=989
 
 This port: synthetic products rendered and JPEG-encoded, then the project's data
 path (decode, Qwen patching, dialogue rendering with a tokenizer, bucketed
@@ -35,21 +35,18 @@ import argparse
 import gc
 import math
 import os
-import sys
 import tempfile
 import time
 
 # JAX must not grab most of the GPU: PyTorch shares it in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from procir_jax import experiment  # noqa: E402
+from procir_jax import factories  # noqa: E402
 from procir_jax import procir as procir_lib  # noqa: E402
 from procir_jax import tiny_model  # noqa: E402
 from procir_jax.data import pipeline  # noqa: E402
@@ -59,9 +56,9 @@ from procir_jax import sharding  # noqa: E402
 from procir_jax.train import optimizer as opt_lib  # noqa: E402
 from procir_jax.train import step as step_lib  # noqa: E402
 
-# Shared with the other model benchmarks (this file's folder is on sys.path).
-from common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
-from common import make_triplets, pipeline_batch, transformers_inputs  # noqa: E402
+from bench.common import PEAK_BF16, batch_forward_flops, hf_config  # noqa: E402
+from bench.common import make_triplets, pipeline_batch, timed  # noqa: E402
+from bench.common import transformers_inputs  # noqa: E402
 
 PRESETS = {
     # The reference run: Qwen3.5-0.8B's shape, 8 triplets, 4 views of 256x256.
@@ -78,7 +75,7 @@ SEQUENCES = ("query", "document", "source_caption", "target_caption")
 
 
 def load_config(name: str, views: int):
-  """The experiment config the step is built from, for one batch of `views`."""
+  """The run config the step is built from, for one batch of `views`."""
   from configs import base, procir_0_8b  # pylint: disable=g-import-not-at-top
   config = {"base": base, "procir_0_8b": procir_0_8b}[name].get_config()
   # ProCIR's contrastive step with caption alignment; the LM loss of the
@@ -143,11 +140,11 @@ def run_jax(config, hcfg, batch, dtype_name: str, iters: int, devices: int):
   mesh = make_mesh(config, devices)
   model = Qwen3_5Model(cfg, dtype=dtype, param_dtype=jnp.float32,
                        rngs=nnx.Rngs(config.seed),
-                       options=experiment.model_options(config, mesh))
+                       options=factories.model_options(config, mesh))
   procir = procir_lib.ProCIR(model, config.loss.temperature)
   trainer = step_lib.Trainer(
       procir, opt_lib.make_optimizer(config.train, nnx.state(procir, nnx.Param)),
-      mesh, experiment.loss_config(config), mode="contrastive",
+      mesh, factories.loss_config(config), mode="contrastive",
       cot=config.procir.cot)
   del model, procir
   state = trainer.init_state()
@@ -160,15 +157,16 @@ def run_jax(config, hcfg, batch, dtype_name: str, iters: int, devices: int):
   state, metrics = trainer.step(state, inputs)
   loss = float(metrics["loss"])
   print(f"jax: compile + first step {time.perf_counter() - t0:.1f}s", flush=True)
-  state, metrics = trainer.step(state, inputs)  # warm-up
-  jax.block_until_ready((state, metrics))
-  start = time.perf_counter()
-  for _ in range(iters):
-    state, metrics = trainer.step(state, inputs)
-  jax.block_until_ready((state, metrics))
-  seconds = (time.perf_counter() - start) / iters
+  latest = [state]
+
+  def step():
+    latest[0], metrics = trainer.step(latest[0], inputs)
+    return latest[0], metrics
+
+  seconds, (state, metrics) = timed(step, iters=iters, warmup=1,
+                                    sync=jax.block_until_ready)
   stats = jax.devices()[0].memory_stats() or {}
-  del state, metrics, inputs
+  state = metrics = inputs = latest = None  # frees the device memory
   return seconds, loss, stats.get("peak_bytes_in_use")
 
 
@@ -261,15 +259,9 @@ def run_torch(config, hcfg, batch, dtype_name: str, iters: int):
   t0 = time.perf_counter()
   loss = float(step())
   print(f"transformers: first step {time.perf_counter() - t0:.1f}s", flush=True)
-  step()  # warm-up
-  sync()
-  start = time.perf_counter()
-  for _ in range(iters):
-    step()
-  sync()
-  seconds = (time.perf_counter() - start) / iters
+  seconds, _ = timed(step, iters=iters, warmup=1, sync=lambda _: sync())
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-  del hf, opt, schedule, params, log_tau, inputs
+  hf = opt = schedule = params = log_tau = inputs = None  # frees the memory
   gc.collect()
   if device == "cuda":
     torch.cuda.empty_cache()  # hand the memory back before this port runs

@@ -1,6 +1,7 @@
 """The paper's ablation: one config per combination of ProCIR's four mechanisms.
 
-  python -m procir_jax.main --config=configs/ablation.py:two_stage=1,align=1,cot=0,sft=1 \
+  python -m procir_jax.main \
+      --config=configs/ablation.py:two_stage=1,align=1,cot=0,sft=1 \
       --workdir=workdir/ablation_1101
 
 Each switch is 0 or 1 (all four must be given): two_stage (two-stage dialogue, else a

@@ -24,18 +24,21 @@ checkpoint.
 
 On a TPU VM pod slice, run the same command on every host at once, e.g.
 
-  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd procir-jax && \
-      python -m procir_jax.main --config=configs/procir_0_8b.py --workdir=gs://BUCKET/procir_0_8b \
+  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all \
+      --command="cd procir-jax && \
+      python -m procir_jax.main --config=configs/procir_0_8b.py \
+      --workdir=gs://BUCKET/procir_0_8b \
       --config.model.hf_dir=/mnt/disks/data/Qwen3.5-0.8B \
       --config.data.manual_dir=/mnt/disks/data/FashionMV \
-      --config.data.data_dir=gs://BUCKET/tfds --config.distributed.coordinator_address=auto"
+      --config.data.data_dir=gs://BUCKET/tfds \
+      --config.distributed.coordinator_address=auto"
 
-With `coordinator_address=auto` JAX discovers the slice's hosts on Cloud TPU; elsewhere set
-`--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
---config.distributed.process_id=I` on each host. Build the TFDS data once beforehand
-(`tfds build ...`, see README) when many hosts share `data.data_dir`. Expect the
-released checkpoint's numbers (R@10: DeepFashion 95.1, Fashion200K 86.6,
-FashionGen-val 85.3) only after the full schedule.
+With `coordinator_address=auto` JAX discovers the slice's hosts on Cloud TPU; elsewhere
+set `--config.distributed.coordinator_address=HOST:PORT
+--config.distributed.num_processes=N --config.distributed.process_id=I` on each host.
+Build the TFDS data once beforehand (`tfds build ...`, see README) when many hosts share
+`data.data_dir`. Expect the released checkpoint's numbers (R@10: DeepFashion 95.1,
+Fashion200K 86.6, FashionGen-val 85.3) only after the full schedule.
 
 Memory: `model.remat="full"` keeps only each layer's input for the backward pass, so
 global_batch_size=128 fits on 16 v5e chips (8 triplets each) as well as on 4 v5p chips.
@@ -43,7 +46,7 @@ On v5p, `--config.model.remat=none` fits 32 triplets per chip and runs the step 
 about a fifth fewer FLOPs and bytes. Check any change of batch, views or chip before
 renting it (README, "Will it fit?"):
 
-  python bench/tpu_compile.py --config=configs/procir_0_8b.py --topology=v5p:2x2x1 \
+  python -m bench.tpu_compile --config=configs/procir_0_8b.py --topology=v5p:2x2x1 \
       --per_chip_batch=32 --config.model.remat=none
 """
 

@@ -3,8 +3,9 @@
   python -m procir_jax.main --config=configs/base.py --workdir=workdir/base
 
 Modes (`--config.mode`): train (SFT stage if enabled, contrastive training, then the
-evaluation), sft, eval, embed, export (the trained model as a Hugging Face directory). Every config value can be overridden on the command
-line, e.g. `--config.train.steps=1000 --config.data.global_batch_size=64`.
+evaluation), sft, eval, embed, export (the trained model as a Hugging Face directory).
+Every config value can be overridden on the command line, e.g.
+`--config.train.steps=1000 --config.data.global_batch_size=64`.
 
 Exit status: 0 done; 75 (EX_TEMPFAIL, "try again") preempted by SIGTERM after saving a
 checkpoint, so rerunning the same command resumes; 2 an error that is yours to fix
@@ -139,11 +140,8 @@ def main(argv):
         "process without a checkpoint, and a dead process will leave the others "
         "waiting. Pass --config.distributed.coordinator_address=auto (or HOST:PORT "
         "with num_processes and process_id).", jax.process_count())
-  from procir_jax import experiment  # after distributed initialisation
+  from procir_jax.modes import MODES as modes  # after distributed initialisation
 
-  modes = {"train": experiment.run_train, "sft": experiment.run_sft,
-           "eval": experiment.run_eval, "embed": experiment.run_embed,
-           "export": experiment.run_export}
   if config.mode not in modes:
     raise app.UsageError(f"config.mode must be one of {sorted(modes)}, got "
                          f"{config.mode!r}.")

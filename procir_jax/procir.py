@@ -5,7 +5,8 @@
   matrix spans all data-parallel shards).
 * Caption-based alignment: the source embedding s (first turn) against the source
   product's caption embedding, and d against its own product's caption embedding.
-* Chain-of-thought guidance: next-token loss on the reasoning tokens in the think blocks.
+* Chain-of-thought guidance: next-token loss on the reasoning tokens in the think
+  blocks.
 * SFT (its own mode): next-token loss on the long caption given the views.
 
 Rows that are padding (`valid` false) or lack a caption take no part in any loss.

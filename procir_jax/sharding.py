@@ -24,7 +24,8 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
-# (path regex, spec). Paths look like "model/language_model/layers/3/mlp/up_proj/kernel".
+# (path regex, spec). Paths look like
+# "model/language_model/layers/3/mlp/up_proj/kernel".
 # Kernels are (in, out): column-parallel layers split `out` over tensor, row-parallel
 # ones split `in`; fsdp takes the other dimension.
 PARAM_RULES: tuple[tuple[str, P], ...] = (

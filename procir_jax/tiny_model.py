@@ -1,4 +1,4 @@
-"""A complete Hugging Face style Qwen3.5 directory made offline, for the embedded default.
+"""A Hugging Face style Qwen3.5 directory made offline, for the embedded default.
 
 The directory holds what a real Qwen3.5 checkpoint holds: `config.json` and
 `model.safetensors` (small, randomly initialised), a byte-level BPE tokenizer with the
@@ -38,7 +38,8 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- if item['type'] == 'image' -%}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{ '<|im_end|>\\n' }}"

@@ -34,7 +34,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-  """A model directory holding the tiny tokenizer, chat template and processor config."""
+  """A model directory with the tiny tokenizer, chat template and processor config."""
   from procir_jax import tiny_model
 
   out = tmp_path_factory.mktemp("tiny_tokenizer")

@@ -1,5 +1,6 @@
 """The padded-batch forward equals the model's own forward, example by example."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,10 @@ from procir_jax.data.image_processing import ImageProcessor
 from procir_jax.models.qwen3_5 import load_pretrained
 
 SIZES = [[(64, 96)], [(160, 128), (128, 128), (96, 200)], [(128, 128)] * 2]
+
+# One jitted encode for the whole file: the tests that encode the same batch share its
+# compilation (eager dispatch of the whole model is much slower than one compile).
+ENCODE = jax.jit(batch_forward.encode)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +46,17 @@ def setup(tiny_model_dir):
 def _model_forward(model, processor, s):
   """The model's own forward (transformers' inputs) of one sequence."""
   ids = s.tokens.input_ids[None]
-  return np.asarray(model(input_ids=ids, attention_mask=np.ones_like(ids),
-                          pixel_values=processor.normalize(s.patches),
-                          image_grid_thw=s.image_grid_thw))[0]
+  forward = nnx.jit(lambda m, ids, pixels, thw: m(
+      input_ids=ids, attention_mask=jnp.ones_like(ids), pixel_values=pixels,
+      image_grid_thw=thw), static_argnums=3)
+  return np.asarray(forward(model, ids, processor.normalize(s.patches),
+                            tuple(map(tuple, np.asarray(s.image_grid_thw)))))[0]
 
 
 def test_padded_batch_matches_per_example_forward(setup):
   model, processor, sequences, batch, _, _ = setup
-  hidden = np.asarray(jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(batch)))
+  hidden = np.asarray(
+      ENCODE(model, batch_forward.numpy_batch(batch)))
   assert np.isfinite(hidden).all()
   for i, s in enumerate(sequences):
     expected = _model_forward(model, processor, s)
@@ -68,10 +76,13 @@ def test_packing_skips_empty_views_and_groups_keep_rows_images(setup):
   # Group 0 shows rows 0-1 (1 + 3 images), group 1 shows row 2 (2 images); a
   # quarter of 2 rows x 5 views rounds to 3 slots, half to 5.
   assert slots == 5
-  assert (batch["image_grid_thw"][0, :4] > 0).all() and not batch["image_grid_thw"][0, 4].any()
-  assert (batch["image_grid_thw"][1, :2] > 0).all() and not batch["image_grid_thw"][1, 2:].any()
-  np.testing.assert_array_equal(batch["image_slot"][1][batch["image_slot"][1] >= 0].min(), 1)
-  hidden = np.asarray(jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(batch)))
+  grid = batch["image_grid_thw"]
+  assert (grid[0, :4] > 0).all() and not grid[0, 4].any()
+  assert (grid[1, :2] > 0).all() and not grid[1, 2:].any()
+  row1_slots = batch["image_slot"][1]
+  np.testing.assert_array_equal(row1_slots[row1_slots >= 0].min(), 1)
+  hidden = np.asarray(
+      ENCODE(model, batch_forward.numpy_batch(batch)))
   for i, s in enumerate(rows[:3]):
     expected = _model_forward(model, processor, s)
     np.testing.assert_allclose(hidden[i, :len(s.tokens)], expected,
@@ -85,7 +96,7 @@ def test_encode_together_equals_separate_encodes(setup):
   together = jax.jit(batch_forward.encode_together)(
       model, [batch_forward.numpy_batch(batch), batch_forward.numpy_batch(captions),
               batch_forward.numpy_batch(batch)])
-  alone = [jax.jit(batch_forward.encode)(model, batch_forward.numpy_batch(p))
+  alone = [ENCODE(model, batch_forward.numpy_batch(p))
            for p in (batch, captions)]
   for got, want in zip(together, alone + alone[:1]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
@@ -94,8 +105,9 @@ def test_encode_together_equals_separate_encodes(setup):
 
 def test_embeddings_are_unit_vectors_at_emb_all(setup):
   model, _, sequences, batch, _, _ = setup
-  hidden = batch_forward.encode(model, batch_forward.numpy_batch(batch))
-  emb = np.asarray(batch_forward.gather_embeddings(hidden, jnp.asarray(batch["emb_positions"])))
+  hidden = ENCODE(model, batch_forward.numpy_batch(batch))
+  emb = np.asarray(batch_forward.gather_embeddings(
+      hidden, jnp.asarray(batch["emb_positions"])))
   assert emb.shape == (4, 2, model.config.text.hidden_size)
   np.testing.assert_allclose(np.linalg.norm(emb[:3], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(
@@ -106,13 +118,13 @@ def test_embeddings_are_unit_vectors_at_emb_all(setup):
 
 def test_gradient_through_the_padded_forward_is_finite(setup):
   model, _, _, batch, _, _ = setup
-  from flax import nnx
   graphdef, params = nnx.split(model)
 
   def loss(p):
     m = nnx.merge(graphdef, p)
     h = batch_forward.encode(m, batch_forward.numpy_batch(batch))
-    return jnp.sum(batch_forward.gather_embeddings(h, jnp.asarray(batch["emb_positions"]))[:3])
+    return jnp.sum(batch_forward.gather_embeddings(
+        h, jnp.asarray(batch["emb_positions"]))[:3])
 
   grads = jax.jit(jax.grad(loss))(params)
   leaves = jax.tree.leaves(grads)

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from procir_jax.data import bucketing, examples, pipeline
 from procir_jax.data import tokenizer as tok
@@ -182,7 +181,8 @@ def test_buckets_bound_compilations(config):
   assert len(traces) == len(shapes) < 15
   summary = report.summary()
   assert all(0.0 <= v["waste"] < 1.0 for v in summary.values())
-  assert sum(v["batches"] for k, v in summary.items() if k.startswith("query/tokens")) == 15
+  assert sum(v["batches"] for k, v in summary.items()
+             if k.startswith("query/tokens")) == 15
   assert "padding over" in str(report)
 
 
@@ -242,7 +242,8 @@ def test_global_batches_on_the_mesh(config):
   for shard in arrays["query"]["patches"].addressable_shards:
     row = shard.index[0].start
     assert shard.data.shape[0] == 1
-    tokens = int((batch["query"]["image_slot"][row] >= 0).sum())  # the row's image tokens
+    # The row's image tokens.
+    tokens = int((batch["query"]["image_slot"][row] >= 0).sum())
     assert batch["query"]["image_grid_thw"][row].prod(-1).sum() == 4 * tokens
   np.testing.assert_array_equal(np.asarray(arrays["document"]["input_ids"]),
                                 batch["document"]["input_ids"])

@@ -81,7 +81,8 @@ def test_single_stage_query(tokenizer, dialogues):
   tokens = dialogues.single_stage_query([5], "make it green", reasoning="green coat")
   _check(tokenizer, tokens,
          f"<|im_start|>user\n{_images(5)}make it green<|im_end|>\n"
-         f"<|im_start|>assistant\n<think>\ngreen coat\n</think>\n\n<emb_all><|im_end|>\n",
+         f"<|im_start|>assistant\n<think>\ngreen coat\n</think>\n\n"
+         f"<emb_all><|im_end|>\n",
          loss_texts=["green coat"])
 
 
@@ -114,7 +115,8 @@ def test_template_that_writes_its_own_think_block(tokenizer):
   original = tokenizer.chat_template
   try:
     tokenizer.chat_template = own
-    other = dialogue.Dialogues(tokenizer).two_stage_query([2], "make it red", ("a", "b"))
+    other = dialogue.Dialogues(tokenizer).two_stage_query(
+        [2], "make it red", ("a", "b"))
   finally:
     tokenizer.chat_template = original
   assert other.input_ids.tolist() == plain.input_ids.tolist()

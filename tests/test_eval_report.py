@@ -9,7 +9,7 @@ import pytest
 
 from procir_jax.eval import recall
 from procir_jax.eval import report
-from procir_jax.eval import report_html
+from procir_jax.eval.pages import report_page
 
 NAMES = ("DeepFashion", "Fashion200K", "FashionGen-val")
 
@@ -258,5 +258,5 @@ def test_page_with_views_is_the_same_every_time(written, tmp_path):
   assert any("No product views for this dataset" in n for n in page.notes)
   assert report.write_html(tmp_path, results, data, views) == first
   assert open(first, encoding="utf-8").read() == text
-  other = report_html.render(results, data, views, seed=1)
+  other = report_page.render(results, data, views, seed=1)
   assert other != text

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from configs import base
-from procir_jax import experiment
+from procir_jax import factories, modes
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    metrics = experiment.run_train(_small(base.get_config()), str(workdir))
+    metrics = modes.run_train(_small(base.get_config()), str(workdir))
   return workdir, metrics, out.getvalue()
 
 
@@ -73,12 +73,12 @@ def test_export_is_a_hugging_face_directory_of_the_trained_model(trained, tmp_pa
   workdir, _, _ = trained
   config = _small(base.get_config())
   config.export.update(dict(dir=str(tmp_path / "hf"), dtype="float32"))
-  out = pathlib.Path(experiment.run_export(config, str(workdir)))
+  out = pathlib.Path(modes.run_export(config, str(workdir)))
   names = {p.name for p in out.iterdir()}
   assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
           "chat_template.jinja", "preprocessor_config.json",
           "video_preprocessor_config.json", "processor_config.json"} <= names
-  _, _, graphdef, params = experiment.load_trained(config, str(workdir))
+  _, _, graphdef, params = modes.load_trained(config, str(workdir))
   trained_model = nnx.merge(graphdef, params).model
   exported = load_pretrained(str(out))
   ours, theirs = param_paths(trained_model), param_paths(exported)
@@ -97,7 +97,7 @@ def test_export_is_a_hugging_face_directory_of_the_trained_model(trained, tmp_pa
   assert_same_hidden_states_as_transformers(out, trained_model)
   # Exported again into the same place, in bf16 and shards: old shards do not stay.
   config.export.update(dict(dtype="bfloat16", max_shard_gb=1e-4))
-  experiment.run_export(config, str(workdir))
+  modes.run_export(config, str(workdir))
   shards = sorted(p.name for p in out.glob("model*.safetensors"))
   assert len(shards) > 1 and "model.safetensors" not in shards
   assert load_pretrained(str(out)).config == exported.config
@@ -149,7 +149,7 @@ def test_exit_status_tells_preemption_and_user_errors_from_crashes(
     raise KeyError("a bug")
 
   for run, code in ((preempted, 75), (bad_input, 2)):
-    monkeypatch.setattr(experiment, "run_train", run)
+    monkeypatch.setitem(modes.MODES, "train", run)
     with pytest.raises(SystemExit) as exit_info:
       run_main()
     assert exit_info.value.code == code
@@ -159,7 +159,7 @@ def test_exit_status_tells_preemption_and_user_errors_from_crashes(
       "Error: /data/x.jsonl not found: put the release there (full trace in ")
   assert "Traceback" not in out + err
   assert "bad_input" in (tmp_path / "errors.log").read_text()
-  monkeypatch.setattr(experiment, "run_train", bug)
+  monkeypatch.setitem(modes.MODES, "train", bug)
   with pytest.raises(KeyError):
     run_main()
 
@@ -173,15 +173,15 @@ def test_command_line_rejects_unknown_modes(run_main):
 
 def test_eval_backends_come_from_the_config():
   config = base.get_config()
-  assert experiment.eval_backends(config) == ("exact", "scann")
+  assert factories.eval_backends(config) == ("exact", "scann")
   config.eval.backends = ("exact,scann",)  # as `--config.eval.backends=exact,scann`
-  assert experiment.eval_backends(config) == ("exact", "scann")
+  assert factories.eval_backends(config) == ("exact", "scann")
   config.eval.backends = ("exact",)
-  assert experiment.eval_backends(config) == ("exact",)
+  assert factories.eval_backends(config) == ("exact",)
   for bad in [("scann",), ("exact", "faiss")]:
     config.eval.backends = bad
     with pytest.raises(ValueError, match=r"config.eval.backends=.*'exact' must be"):
-      experiment.eval_backends(config)
+      factories.eval_backends(config)
 
 
 def _partial_release(tmp_path, config):
@@ -201,7 +201,7 @@ def _partial_release(tmp_path, config):
 def test_a_partial_release_evaluates_what_it_holds(tmp_path, capsys):
   config = _partial_release(tmp_path, _small(base.get_config()))
   config.eval.backends = ("exact",)
-  metrics = experiment.run_eval(config, str(tmp_path / "run"))
+  metrics = modes.run_eval(config, str(tmp_path / "run"))
   assert set(metrics) == {f"{d}_R@{k}" for d in ("DeepFashion", "FashionGen-val")
                           for k in (1, 5, 10)} | {"Average_R@5", "Average_R@10"}
   table = (tmp_path / "run" / "eval" / "results.txt").read_text()
@@ -214,9 +214,9 @@ def test_training_stops_before_it_starts_when_validation_has_no_data(tmp_path):
   config.eval.validation_sources = ("f200k",)
   with pytest.raises(ValueError, match=r"validation_sources=\('f200k',\) has nothing "
                                        r"to validate on.*'deepfashion'"):
-    experiment.run_train(config, str(tmp_path / "run"))
+    modes.run_train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
   config.eval.sources = ("f200k",)
   with pytest.raises(ValueError, match=r"nothing to evaluate for any of "
                                        r"config.eval.sources=\('f200k',\).*images/f200k"):
-    experiment.run_eval(config, str(tmp_path / "run"))
+    modes.run_eval(config, str(tmp_path / "run"))

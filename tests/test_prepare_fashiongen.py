@@ -44,7 +44,8 @@ def test_same_tree_and_bytes_as_the_release_tool(tmp_path):
   counts = fashiongen.extract(tmp_path / "fg.h5", tmp_path / "out", chunk=7,
                               progress=False)
   assert (counts.rows, counts.products) == (102, 4)
-  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1", "2001", "3", "40"]
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "1", "2001", "3", "40"]
   assert sorted(p.name for p in (tmp_path / "out" / "2001").iterdir()) == [
       "10.jpg", "11.jpg", "8.jpg", "9.jpg"]
   assert sorted(p.name for p in (tmp_path / "out" / "40").iterdir()) == [
@@ -70,7 +71,8 @@ def test_a_tree_from_zero_padded_names_is_refused(tmp_path):
   _h5(tmp_path / "fg.h5", [5, 5])
   (tmp_path / "out" / "5").mkdir(parents=True)
   (tmp_path / "out" / "5" / "0000001.jpg").write_bytes(b"old")
-  with pytest.raises(FileExistsError, match=r"0000001.jpg has a zero-padded name.*Remove"):
+  with pytest.raises(FileExistsError,
+                     match=r"0000001.jpg has a zero-padded name.*Remove"):
     fashiongen.extract(tmp_path / "fg.h5", tmp_path / "out", progress=False)
 
 

@@ -224,7 +224,7 @@ def test_gated_deltanet_layer_parity(models):
   with torch.no_grad():
     ref = hf.model.language_model.layers[idx].linear_attn(
         torch.tensor(x), attention_mask=torch.tensor(mask)).numpy()
-  run = nnx.jit(lambda l, x, m: l(x, m))
+  run = nnx.jit(lambda module, x, m: module(x, m))
   layer = model.language_model.layers[idx].linear_attn
   assert layer.options.delta_rule == "chunked"  # "auto" on a CPU
   assert_close(run(layer, jnp.asarray(x), jnp.asarray(mask)), ref, mask)
@@ -249,7 +249,7 @@ def test_attention_layer_parity(models):
         tx, position_embeddings=(cos, sin), attention_mask=None)
   jcos, jsin = rope.text_rope_tables(jnp.asarray(pos), cfg.rotary_dim,
                                      cfg.rope_theta, cfg.mrope_section)
-  ours = nnx.jit(lambda l, *a: l(*a))(
+  ours = nnx.jit(lambda module, *a: module(*a))(
       model.language_model.layers[idx].self_attn, jnp.asarray(x), jcos, jsin,
       None)
   assert_close(ours, ref.numpy())

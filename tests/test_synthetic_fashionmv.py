@@ -43,7 +43,8 @@ def test_release_layout(release):
   assert next(pathlib.Path(out / "images" / "f200k").rglob("*.jpeg"))
   datasets = {r["dataset"] for r in _rows(out / "data" / "val_triplets.jsonl")}
   assert datasets == {"deepfashion", "f200k", "fashiongen_val"}
-  deepfashion_ids = [r["product_id"] for r in _rows(out / "data" / "train_captions.jsonl")
+  deepfashion_ids = [r["product_id"]
+                     for r in _rows(out / "data" / "train_captions.jsonl")
                      if r["dataset"] == "deepfashion"]
   assert all(pid.count("/") == 3 for pid in deepfashion_ids)  # WOMEN/Dresses/id_x/02
 
@@ -147,7 +148,8 @@ def test_tfds_build_reads_back_exact_counts(release, tmp_path):
                ex["views"][0].shape == (48, 48, 3) for ex in examples)
     by_id = {(ex["source"].decode(), ex["product_id"].decode()): ex for ex in examples}
     for row in caption_rows[:5]:
-      source = "fashiongen" if row["dataset"].startswith("fashiongen") else row["dataset"]
+      source = ("fashiongen" if row["dataset"].startswith("fashiongen")
+                else row["dataset"])
       assert by_id[source, row["product_id"]]["caption_long"].decode() == row[
           "caption_long"]
     ids = {(t["source"], t["source_id"], t["target_id"])

@@ -130,7 +130,8 @@ def _build(tmp_path, config, manual_dir=DUMMY):
 
 
 def _by_id(source):
-  return {ex["product_id"].decode(): ex for ex in (source[i] for i in range(len(source)))}
+  return {ex["product_id"].decode(): ex
+          for ex in (source[i] for i in range(len(source)))}
 
 
 def test_products_views_captions_and_drops(tmp_path):
@@ -156,7 +157,8 @@ def test_products_views_captions_and_drops(tmp_path):
   assert dict(zip(shirt["extra_texts"]["name"], shirt["extra_texts"]["text"])) == {
       b"material": b"cotton shirt"}
   assert train["100001"]["source"] == b"fashiongen"
-  assert train["dresses/31000001"]["caption_long"] == b"A long caption of dresses/31000001."
+  assert train["dresses/31000001"]["caption_long"] == (
+      b"A long caption of dresses/31000001.")
   val = _by_id(tfds.data_source("fashionmv/products", split="validation",
                                 data_dir=tmp_path))
   assert val["WOMEN/Skirts/id_00500001/02"]["views"][1].shape == (24, 24, 3)  # was L

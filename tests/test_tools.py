@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from configs import base
-from procir_jax import experiment
+from procir_jax import provision
 
 REPO = pathlib.Path(__file__).parents[1]
 OVERRIDES = ["--config.model.tiny_preset=test", "--config.data.max_views=2",
@@ -35,7 +35,7 @@ def test_index_then_search_writes_a_page(tmp_path):
     for p in parents:
       node = node[p]
     node[leaf] = type(node[leaf])(value)
-  paths = experiment.prepare(config, str(tmp_path))
+  paths = provision.prepare(config, str(tmp_path))
   common = ["--config=configs/base.py", f"--workdir={tmp_path}", *OVERRIDES]
   out = _run(["tools/build_index.py", *common, "--source=deepfashion",
               f"--out={tmp_path / 'index'}"])

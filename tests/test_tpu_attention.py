@@ -1,4 +1,4 @@
-"""The Pallas TPU flash attention against its pure-JAX reference, and its cost estimates.
+"""The Pallas TPU flash attention against a pure-JAX reference, and its cost estimates.
 
 The kernels run in the Pallas interpreter on CPU (`interpret=True`); one test compiles
 them for a TPU topology with libtpu's compile-only devices, without a TPU.
@@ -94,10 +94,11 @@ def test_matches_reference_fp32(name):
 def test_matches_reference_bf16():
   """bf16 inputs: both kernel and reference are held to an fp32 reference of the same
   (bf16-rounded) inputs, within 1e-2 of the largest magnitude (measured: ~4e-3)."""
-  b, l, hq, hkv, d = 2, 200, 4, 2, 128
-  q, k, v, w = _inputs(b, l, l, hq, hkv, d, jnp.bfloat16, seed=1)
-  rows = _real_rows(b, l, l, [200, 90])
-  common = dict(scale=d ** -0.5, causal=True, kv_lengths=jnp.asarray([200, 90], jnp.int32))
+  b, length, hq, hkv, d = 2, 200, 4, 2, 128
+  q, k, v, w = _inputs(b, length, length, hq, hkv, d, jnp.bfloat16, seed=1)
+  rows = _real_rows(b, length, length, [200, 90])
+  common = dict(scale=d ** -0.5, causal=True,
+                kv_lengths=jnp.asarray([200, 90], jnp.int32))
   out, grads = jax.jit(lambda *a: _out_and_grads(
       fa.flash_attention, *a, **common, block_q=128, block_k=128, interpret=True))(
           q, k, v, w, rows)
@@ -106,7 +107,8 @@ def test_matches_reference_bf16():
       reference_attention, *a, **common))(f32(q), f32(k), f32(v), w, rows)
   assert out.dtype == jnp.bfloat16
   for got, want in [(out, ref_out), *zip(grads, ref_grads)]:
-    got = np.where(rows, f32(got), 0) if got.shape == out.shape else np.asarray(f32(got))
+    got = (np.where(rows, f32(got), 0) if got.shape == out.shape
+           else np.asarray(f32(got)))
     want = np.where(rows, want, 0) if want.shape == out.shape else np.asarray(want)
     assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
 
@@ -123,28 +125,33 @@ def test_block_sizes():
   assert fa._kv_heads_per_block(3, 32) == 3  # no divisor fills a tile: all heads
 
 
-def _plan(b, l, hq, hkv, d, causal, block):
-  return fa.make_plan((b, l, hq, d), (b, l, hkv, d), jnp.bfloat16, jnp.bfloat16,
-                      scale=1.0, causal=causal, block_q=block, block_k=block)
+def _plan(b, length, hq, hkv, d, causal, block):
+  return fa.make_plan((b, length, hq, d), (b, length, hkv, d), jnp.bfloat16,
+                      jnp.bfloat16, scale=1.0, causal=causal, block_q=block,
+                      block_k=block)
 
 
 def test_cost_estimates_bidirectional():
-  """B=2, L=256 in blocks of 128 (2 x 2 blocks, all computed), Hq=4, Hkv=2, D=128, bf16."""
-  b, l, hq, hkv, d = 2, 256, 4, 2, 128
-  est = fa.cost_estimates(_plan(b, l, hq, hkv, d, False, 128))
-  qbytes = b * l * hq * d * 2  # q, o, dO, dQ (bf16)
-  kvbytes = b * l * hkv * d * 2  # each of k, v, dK, dV
-  rowbytes = b * hq * l * 4  # fp32 log-sum-exp or dO.O
+  """B=2, L=256 in blocks of 128 (2 x 2 blocks, all computed), Hq=4, Hkv=2,
+  D=128, bf16."""
+  b, length, hq, hkv, d = 2, 256, 4, 2, 128
+  est = fa.cost_estimates(_plan(b, length, hq, hkv, d, False, 128))
+  qbytes = b * length * hq * d * 2  # q, o, dO, dQ (bf16)
+  kvbytes = b * length * hkv * d * 2  # each of k, v, dK, dV
+  rowbytes = b * hq * length * 4  # fp32 log-sum-exp or dO.O
   lens = 2 * b * 4
-  attn = b * hq * l * l * d  # multiply-adds of one [L, L] x D matmul over all heads
+  # Multiply-adds of one [L, L] x D matmul over all heads.
+  attn = b * hq * length * length * d
   assert est["fwd"].flops == 2 * 2 * attn
   assert est["dq"].flops == 2 * 3 * attn
   assert est["dkv"].flops == 2 * 4 * attn
   # exps of the scores, plus per (pair, row) rescale exps and one log per row (forward).
-  assert est["fwd"].transcendentals == b * hq * (l * l + 4 * 128 + l)
-  assert est["dq"].transcendentals == est["dkv"].transcendentals == b * hq * l * l
+  assert est["fwd"].transcendentals == b * hq * (length * length + 4 * 128 + length)
+  assert est["dq"].transcendentals == est["dkv"].transcendentals == (
+      b * hq * length * length)
   # Forward: q read once, k and v once per q block (2), o and lse written once.
-  assert est["fwd"].bytes_accessed == qbytes + 2 * 2 * kvbytes + qbytes + rowbytes + lens
+  assert est["fwd"].bytes_accessed == (qbytes + 2 * 2 * kvbytes + qbytes + rowbytes
+                                       + lens)
   # dQ: q, dO, O and lse once; k, v once per q block; dQ and dO.O written.
   assert est["dq"].bytes_accessed == (3 * qbytes + rowbytes + 2 * 2 * kvbytes + qbytes
                                       + rowbytes + lens)
@@ -156,8 +163,8 @@ def test_cost_estimates_bidirectional():
 def test_cost_estimates_causal():
   """B=1, L=384 in 3 x 3 blocks of 128, causal: the 6 blocks on or below the diagonal
   are computed. Hq=2 sharing one kv head (one grid step holds both), D=128, bf16."""
-  b, l, hq, hkv, d, blk = 1, 384, 2, 1, 128, 128
-  est = fa.cost_estimates(_plan(b, l, hq, hkv, d, True, blk))
+  b, length, hq, hkv, d, blk = 1, 384, 2, 1, 128, 128
+  est = fa.cost_estimates(_plan(b, length, hq, hkv, d, True, blk))
   pairs = 6
   qblk = blk * hq * d * 2
   kvblk = blk * hkv * d * 2
@@ -166,7 +173,7 @@ def test_cost_estimates_causal():
   mac = pairs * blk * blk * d * hq
   assert est["fwd"].flops == 4 * mac and est["dq"].flops == 6 * mac
   assert est["dkv"].flops == 8 * mac
-  assert est["fwd"].transcendentals == hq * (pairs * blk * blk + pairs * blk + l)
+  assert est["fwd"].transcendentals == hq * (pairs * blk * blk + pairs * blk + length)
   # kv blocks fetched in the forward / dQ order (q block, kv block), skipped steps
   # repeating or prefetching: q0: 0 (0 0 repeat); q1: 0 1 (then prefetch 0);
   # q2: (0 already there) 1 2  -> 0, 1, 0, 1, 2 = 5 fetches; q blocks 3.
@@ -182,11 +189,12 @@ def test_cost_estimates_causal():
 
 def test_no_quadratic_arrays_in_jaxpr():
   """Nothing of [B, H, L, L] size in the traced fwd + bwd program (kernels included)."""
-  b, l, hq, hkv, d = 1, 4096, 2, 1, 128
-  q, k, v, _ = _inputs(b, l, l, hq, hkv, d, jnp.bfloat16)
+  b, length, hq, hkv, d = 1, 4096, 2, 1, 128
+  q, k, v, _ = _inputs(b, length, length, hq, hkv, d, jnp.bfloat16)
 
   def loss(q, k, v):
-    return jnp.sum(fa.flash_attention(q, k, v, scale=0.1, causal=True).astype(jnp.float32))
+    out = fa.flash_attention(q, k, v, scale=0.1, causal=True)
+    return jnp.sum(out.astype(jnp.float32))
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   biggest = 0
@@ -199,7 +207,7 @@ def test_no_quadratic_arrays_in_jaxpr():
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         stack.append(sub)
   # The largest arrays are q / o / dq ([B, L, Hq*D]); a score block is 512 x 512.
-  assert biggest < b * hq * l * l // 16, biggest
+  assert biggest < b * hq * length * length // 16, biggest
 
 
 def test_compiles_for_tpu_with_cost_analysis():
@@ -208,7 +216,7 @@ def test_compiles_for_tpu_with_cost_analysis():
 
   dev = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(dev)
-  b, l, hq, hkv, d = 1, 2048, 2, 1, 128
+  b, length, hq, hkv, d = 1, 2048, 2, 1, 128
 
   def spec(shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -219,16 +227,17 @@ def test_compiles_for_tpu_with_cost_analysis():
       return jnp.sum(out.astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  compiled = jax.jit(grads).trace(spec((b, l, hq, d)), spec((b, l, hkv, d)),
-                                  spec((b, l, hkv, d))).lower().compile()
+  compiled = jax.jit(grads).trace(spec((b, length, hq, d)), spec((b, length, hkv, d)),
+                                  spec((b, length, hkv, d))).lower().compile()
   cost = compiled.cost_analysis()
-  est = fa.cost_estimates(_plan(b, l, hq, hkv, d, True, 512))
+  est = fa.cost_estimates(_plan(b, length, hq, hkv, d, True, 512))
   est_flops = sum(e.flops for e in est.values())
   est_bytes = sum(e.bytes_accessed for e in est.values())
-  analytic = 12 * b * hq * l * l * d // 2  # causal fwd (2 matmuls) + bwd (4), 2 flops/MAC
+  # Causal fwd (2 matmuls) + bwd (4), 2 flops/MAC.
+  analytic = 12 * b * hq * length * length * d // 2
   assert cost["flops"] >= analytic
   # The kernels' estimates are what XLA adds up (the rest is a few elementwise ops).
   assert est_flops <= cost["flops"] <= 1.05 * est_flops
   assert cost["bytes accessed"] >= est_bytes
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < b * hq * l * l * 4 // 16, temp
+  assert temp < b * hq * length * length * 4 // 16, temp

@@ -1,12 +1,9 @@
 """The TPU planning tool compiles real steps for a TPU slice on a CPU machine and
 reports numbers that agree with each other (speed itself is never asserted)."""
 
-import functools
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
@@ -15,14 +12,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 pytest.importorskip("libtpu")
 
 
-@functools.lru_cache(maxsize=None)  # once: the tool defines absl flags
 def _load_tool():
-  path = os.path.join(os.path.dirname(__file__), "..", "bench", "tpu_compile.py")
-  spec = importlib.util.spec_from_file_location("bench_tpu_compile", path)
-  tool = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = tool  # dataclasses look their module up there
-  spec.loader.exec_module(tool)
-  return tool
+  from bench import tpu_compile  # imported once: the tool defines absl flags
+  return tpu_compile
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Pallas TPU gated delta rule against the pure-JAX versions, and its cost estimates.
+"""The Pallas TPU gated delta rule against pure-JAX versions, and its cost estimates.
 
 The kernels run in the Pallas interpreter on CPU (`interpret=True`); one test compiles
 them for a TPU topology with libtpu's compile-only devices, without a TPU.
@@ -212,9 +212,11 @@ def test_cost_estimates():
   qk = b * lp * hk * D * 2  # q or k, bf16, read once per row: both value heads share it
   vo = b * lp * hv * D * 2  # v, out, dO, dv
   rows = b * hv * lp * 4  # g, beta, dg, dbeta
-  dqk = b * lp * hv * D * 4  # dq, dk per value head, fp32 (summed over the group outside)
+  # dq, dk per value head, fp32 (summed over the group outside).
+  dqk = b * lp * hv * D * 4
   assert est["fwd"].bytes_accessed == 2 * qk + vo + 2 * rows + vo
-  assert est["bwd"].bytes_accessed == 2 * qk + 2 * vo + 2 * rows + 2 * dqk + vo + 2 * rows
+  assert est["bwd"].bytes_accessed == (2 * qk + 2 * vo + 2 * rows + 2 * dqk + vo
+                                       + 2 * rows)
 
   # fp32, one key head per value head, rows of 3 blocks (5 chunks of 64 -> 3 x 2):
   # the backward reads k, v, g, beta in 2 * 3 - 1 runs (the turn shares a block).

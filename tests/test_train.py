@@ -7,12 +7,11 @@ import signal
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ablation, base
-from procir_jax import experiment, tiny_model
+from configs import ablation
+from procir_jax import factories, tiny_model
 from procir_jax.data import pipeline
 from procir_jax.train import checkpoint as ckpt_lib
 from procir_jax.train import loop as loop_lib
@@ -38,26 +37,31 @@ def _config(data_dir, model_dir, arg="two_stage=1,align=1,cot=1,sft=1", **train)
   return c
 
 
-def _paths(tmp_path, c):
-  return experiment.Paths(pathlib_path(tmp_path), c.data.data_dir, c.model.hf_dir)
+def _data_config(c, **kw):
+  return factories.data_config(c, data_dir=c.data.data_dir, model_dir=c.model.hf_dir,
+                               **kw)
 
 
-def pathlib_path(p):
-  from etils import epath
-  return epath.Path(p)
+# Trainers by (config, mode, mesh): a Trainer holds no state of a run, so tests with
+# the same settings share one and its compiled step (compiles dominate this file).
+_TRAINERS = {}
 
 
-def _trainer(c, paths, mesh, mode="contrastive"):
-  procir = experiment.load_model(c, paths, mesh)
-  params = nnx.state(procir, nnx.Param)
-  cfg = c.train if mode == "contrastive" else experiment.stage_config(c, "sft")
-  return step_lib.Trainer(procir, opt_lib.make_optimizer(cfg, params), mesh,
-                          experiment.loss_config(c), mode=mode, cot=c.procir.cot,
-                          skip_nonfinite=c.train.skip_nonfinite)
+def _trainer(c, mesh, mode="contrastive"):
+  key = (json.dumps(c.to_dict(), sort_keys=True, default=str), mode,
+         tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+  if key not in _TRAINERS:
+    procir = factories.load_model(c, c.model.hf_dir, mesh)
+    params = nnx.state(procir, nnx.Param)
+    cfg = c.train if mode == "contrastive" else factories.stage_config(c, "sft")
+    _TRAINERS[key] = step_lib.Trainer(
+        procir, opt_lib.make_optimizer(cfg, params), mesh, factories.loss_config(c),
+        mode=mode, cot=c.procir.cot, skip_nonfinite=c.train.skip_nonfinite)
+  return _TRAINERS[key]
 
 
-def _batches(c, paths, mesh, mode="contrastive", n=2):
-  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size,
+def _batches(c, mesh, mode="contrastive", n=2):
+  dcfg = _data_config(c, batch_size=c.data.global_batch_size,
                                 mesh=mesh)
   loader = pipeline.make_loader(mode, dcfg, pipeline.records_for(mode, dcfg, "train"),
                                 train=True)
@@ -76,14 +80,13 @@ def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
   runs = {}
   for arg in settings:
     c = _config(fashionmv_data_dir, test_model_dir, arg)
-    paths = _paths(tmp_path, c)
     modes = (["sft"] if c.procir.sft else []) + ["contrastive"]
     for mode in modes:
       program = (mode,) if mode == "sft" else (
           mode, c.procir.two_stage, c.procir.align, c.procir.cot)
       if program not in runs:
-        trainer = _trainer(c, paths, mesh, mode)
-        batch = pipeline.to_global(_batches(c, paths, mesh, mode, 1)[0], sharding_for)
+        trainer = _trainer(c, mesh, mode)
+        batch = pipeline.to_global(_batches(c, mesh, mode, 1)[0], sharding_for)
         runs[program] = trainer.step(trainer.init_state(), batch)
       state, metrics = runs[program]
       metrics = jax.device_get(metrics)
@@ -95,9 +98,9 @@ def test_every_ablation_setting_trains_a_step(tmp_path, fashionmv_data_dir,
       assert int(state.step) == 1
 
 
-def _run(c, paths, mesh, steps, workdir, state=None, **loop):
-  trainer = _trainer(c, paths, mesh)
-  dcfg = experiment.data_config(c, paths, batch_size=c.data.global_batch_size,
+def _run(c, mesh, steps, workdir, state=None, **loop):
+  trainer = _trainer(c, mesh)
+  dcfg = _data_config(c, batch_size=c.data.global_batch_size,
                                 mesh=mesh)
   loader = pipeline.make_loader("contrastive", dcfg,
                                 pipeline.records_for("contrastive", dcfg, "train"),
@@ -115,11 +118,10 @@ def _run(c, paths, mesh, steps, workdir, state=None, **loop):
 
 def test_resume_is_bitwise_exact(tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir, steps=4)
-  paths = _paths(tmp_path, c)
   mesh = sharding.make_mesh({"data": -1})
-  _, straight = _run(c, paths, mesh, 4, tmp_path / "straight")
-  _run(c, paths, mesh, 2, tmp_path / "resumed")
-  _, resumed = _run(c, paths, mesh, 4, tmp_path / "resumed")
+  _, straight = _run(c, mesh, 4, tmp_path / "straight")
+  _run(c, mesh, 2, tmp_path / "resumed")
+  _, resumed = _run(c, mesh, 4, tmp_path / "resumed")
   assert int(resumed.step) == 4
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -128,15 +130,14 @@ def test_resume_is_bitwise_exact(tmp_path, fashionmv_data_dir, test_model_dir):
 def test_one_device_and_eight_devices_agree(tmp_path, fashionmv_data_dir,
                                            test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
-  paths = _paths(tmp_path, c)
   losses = []
   for mesh in (sharding.make_mesh({"data": 1}, jax.devices()[:1]),
                sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
-    trainer = _trainer(c, paths, mesh)
+    trainer = _trainer(c, mesh)
     state = trainer.init_state()
     run = []
     # The same examples; images packed in one group per batch shard of the mesh.
-    for batch in _batches(c, paths, mesh, n=2):
+    for batch in _batches(c, mesh, n=2):
       state, metrics = trainer.step(
           state, pipeline.to_global(batch, sharding.batch_sharding(mesh)))
       run.append(float(metrics["loss"]))
@@ -149,14 +150,13 @@ def test_kernels_run_per_shard_under_the_mesh(tmp_path, fashionmv_data_dir,
   """The Pallas attention kernel (interpreted on CPU) runs on each device's rows
   and heads through shard_map, and the step equals the XLA attention step."""
   c = _config(fashionmv_data_dir, test_model_dir)
-  paths = _paths(tmp_path, c)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  batch = pipeline.to_global(_batches(c, paths, mesh, n=1)[0],
+  batch = pipeline.to_global(_batches(c, mesh, n=1)[0],
                              sharding.batch_sharding(mesh))
   losses = []
   for attention, interpret in (("xla", False), ("flash", True)):
     c.model.attention, c.model.interpret_kernels = attention, interpret
-    trainer = _trainer(c, paths, mesh)
+    trainer = _trainer(c, mesh)
     jaxpr = str(jax.make_jaxpr(trainer._train_step)(trainer.abstract_state(), batch))
     assert ("shard_map" in jaxpr) == (attention == "flash")
     _, metrics = trainer.step(trainer.init_state(), batch)
@@ -167,11 +167,10 @@ def test_kernels_run_per_shard_under_the_mesh(tmp_path, fashionmv_data_dir,
 def test_checkpoint_restores_onto_another_mesh_and_skips_partial_ones(
     tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
-  paths = _paths(tmp_path, c)
-  trainer, state = _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path)
+  trainer, state = _run(c, sharding.make_mesh({"data": -1}), 2, tmp_path)
   # A save that died half-way leaves a temporary directory behind.
   (tmp_path / "ckpt" / "7.orbax-checkpoint-tmp-123").mkdir()
-  other = _trainer(c, paths, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  other = _trainer(c, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
   assert checkpointer.latest_step() == 2
   step, restored = checkpointer.restore(None, other.abstract_state().as_dict())
@@ -186,10 +185,9 @@ def test_checkpoint_restores_onto_another_mesh_and_skips_partial_ones(
 
 def test_sigterm_saves_and_stops(tmp_path, fashionmv_data_dir, test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir)
-  paths = _paths(tmp_path, c)
   mesh = sharding.make_mesh({"data": -1})
-  trainer = _trainer(c, paths, mesh)
-  dcfg = experiment.data_config(c, paths, batch_size=8, mesh=mesh)
+  trainer = _trainer(c, mesh)
+  dcfg = _data_config(c, batch_size=8, mesh=mesh)
   loader = pipeline.make_loader("contrastive", dcfg,
                                 pipeline.records_for("contrastive", dcfg, "train"),
                                 train=True)
@@ -217,9 +215,8 @@ def test_nonfinite_loss_names_step_and_term(tmp_path, fashionmv_data_dir,
   c = _config(fashionmv_data_dir, test_model_dir)
   c.loss.temperature = 0.0  # 0 / 0 logits: NaN in the retrieval loss
   c.loss.learn_temperature = False
-  paths = _paths(tmp_path, c)
   with pytest.raises(FloatingPointError, match=r"Non-finite .*retrieval.* at step 1"):
-    _run(c, paths, sharding.make_mesh({"data": -1}), 2, tmp_path / "a")
+    _run(c, sharding.make_mesh({"data": -1}), 2, tmp_path / "a")
   assert not (tmp_path / "a" / "ckpt").exists() or not any(
       p.name.isdigit() for p in (tmp_path / "a" / "ckpt").iterdir())
 
@@ -231,10 +228,9 @@ def test_nonfinite_updates_are_caught_on_the_device_and_skips_checkpointed(
   leaves the parameters as they were, and the count is part of the checkpoint."""
   c = _config(fashionmv_data_dir, test_model_dir, steps=3, lr=float("inf"),
               warmup_steps=0, skip_nonfinite=True)
-  paths = _paths(tmp_path, c)
   mesh = sharding.make_mesh({"data": -1})
-  trainer = _trainer(c, paths, mesh)
-  dcfg = experiment.data_config(c, paths, batch_size=8, mesh=mesh)
+  trainer = _trainer(c, mesh)
+  dcfg = _data_config(c, batch_size=8, mesh=mesh)
 
   def run(workdir, **loop):
     loader = pipeline.make_loader("contrastive", dcfg,
@@ -250,7 +246,8 @@ def test_nonfinite_updates_are_caught_on_the_device_and_skips_checkpointed(
       checkpointer.close()
 
   with pytest.raises(FloatingPointError,
-                     match=r"Non-finite loss, gradient or updated parameters at step 1"):
+                     match=r"Non-finite loss, gradient or updated parameters "
+                           r"at step 1"):
     run(tmp_path / "stop", log_every=2, skip_nonfinite=False)
   assert ckpt_lib.Checkpointer(str(tmp_path / "stop" / "ckpt")).latest_step() is None
 
@@ -268,9 +265,8 @@ def test_nonfinite_updates_are_caught_on_the_device_and_skips_checkpointed(
 def test_profile_steps_trace_exactly_those_steps(tmp_path, fashionmv_data_dir,
                                                  test_model_dir):
   c = _config(fashionmv_data_dir, test_model_dir, steps=3)
-  paths = _paths(tmp_path, c)
   profile = tmp_path / "profile"
-  _run(c, paths, sharding.make_mesh({"data": -1}), 3, tmp_path / "run",
+  _run(c, sharding.make_mesh({"data": -1}), 3, tmp_path / "run",
        profile_steps=loop_lib.parse_profile_steps("2,3"), profile_dir=str(profile))
   traces = list(profile.rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0

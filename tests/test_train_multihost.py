@@ -26,12 +26,11 @@ from tests import test_train as t
 from procir_jax.data import pipeline
 from procir_jax import sharding
 c = t._config(sys.argv[3], sys.argv[4])
-paths = t._paths(sys.argv[5], c)
 mesh = sharding.make_mesh({"data": -1})
-trainer = t._trainer(c, paths, mesh)
+trainer = t._trainer(c, mesh)
 state = trainer.init_state()
 losses = []
-batches = t._batches(c, paths, mesh, n=2)
+batches = t._batches(c, mesh, n=2)
 pickle.dump([pipeline.agree_on_shapes(b) for b in batches],
             open(sys.argv[5] + f"/batches{sys.argv[2]}.pkl", "wb"))
 for batch in batches:
@@ -69,9 +68,8 @@ def test_two_processes_train_like_one(tmp_path, fashionmv_data_dir):
   local = [pickle.loads((tmp_path / f"batches{i}.pkl").read_bytes()) for i in range(2)]
   assert not set(local[0][0]["index"]) & set(local[1][0]["index"])  # disjoint shards
   c = t._config(str(fashionmv_data_dir), str(model_dir))
-  paths = t._paths(tmp_path, c)
   mesh = sharding.make_mesh({"data": -1})
-  trainer = t._trainer(c, paths, mesh)
+  trainer = t._trainer(c, mesh)
   state, losses = trainer.init_state(), []
   for a, b in zip(*local):
     batch = jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b)

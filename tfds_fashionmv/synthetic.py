@@ -111,8 +111,8 @@ def short_caption(a: Attributes) -> str:
 
 def long_caption(a: Attributes, num_views: int) -> str:
   views = ", ".join(VIEW_NAMES[:num_views])
-  return (f"A {_length_word(a.length)} {a.category} in {a.colour} with a {a.pattern} pattern and "
-          f"{_SLEEVE_PHRASES[a.sleeves]}. "
+  return (f"A {_length_word(a.length)} {a.category} in {a.colour} with a "
+          f"{a.pattern} pattern and {_SLEEVE_PHRASES[a.sleeves]}. "
           f"Shown in {num_views} view{'s' if num_views > 1 else ''}: {views}.")
 
 
@@ -163,7 +163,8 @@ def _texture(a: Attributes, size: int, rng: np.random.Generator) -> np.ndarray:
   elif a.pattern == "floral":
     cy = np.abs((y + phase) % (2 * period) - period)
     cx = np.abs((x + phase) % (2 * period) - period)
-    mask = ((cy < period / 6) & (cx < period / 2)) | ((cx < period / 6) & (cy < period / 2))
+    mask = (((cy < period / 6) & (cx < period / 2))
+            | ((cx < period / 6) & (cy < period / 2)))
   else:
     mask = np.zeros((size, size), bool)
   image = np.where(mask[..., None], accent, base)

@@ -35,14 +35,14 @@ _BACKEND = flags.DEFINE_enum("backend", "scann", ["scann", "exact"], "Searcher."
 
 
 def _from_model():
-  from procir_jax import experiment
+  from procir_jax import factories, modes
   from procir_jax.data import fashionmv, pipeline
   from procir_jax.eval import encode as encode_lib
 
   config = _CONFIG.value
-  paths, mesh, graphdef, params = experiment.load_trained(config, _WORKDIR.value)
-  dcfg = experiment.data_config(config, paths, batch_size=config.data.eval_batch_size,
-                                cot=False, max_views=config.eval.max_views, mesh=mesh)
+  paths, mesh, graphdef, params = modes.load_trained(config, _WORKDIR.value)
+  dcfg = factories.eval_data_config(config, data_dir=paths.data_dir,
+                                    model_dir=paths.model_dir, mesh=mesh)
   products = fashionmv.Products(paths.data_dir, _SPLIT.value)
   keys = [k for k in products.keys() if _SOURCE.value in (None, k[0])]
   records = products.select(keys)

@@ -18,10 +18,11 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from procir_jax import experiment
+from procir_jax import factories, modes
 from procir_jax.data import examples, fashionmv, pipeline
 from procir_jax.eval import encode as encode_lib
-from procir_jax.eval import search, visualize
+from procir_jax.eval import search
+from procir_jax.eval.pages import results_page
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -55,9 +56,9 @@ def main(argv):
   if bool(_IMAGE_DIR.value) == bool(_PRODUCT_ID.value):
     raise app.UsageError("Give the query as --image_dir or as --product_id.")
   config = _CONFIG.value
-  paths, mesh, graphdef, params = experiment.load_trained(config, _WORKDIR.value)
-  dcfg = experiment.data_config(config, paths, batch_size=1, cot=False,
-                                max_views=config.eval.max_views)
+  paths, mesh, graphdef, params = modes.load_trained(config, _WORKDIR.value)
+  dcfg = factories.eval_data_config(config, data_dir=paths.data_dir,
+                                    model_dir=paths.model_dir, batch_size=1)
   builder, _ = pipeline.make_builder(dcfg)
   products = fashionmv.Products(paths.data_dir, _SPLIT.value)
 
@@ -90,7 +91,7 @@ def main(argv):
   for rank, (pid, score) in enumerate(zip(ids[0], scores[0]), start=1):
     if pid is not None:
       print(f"  {rank:3d}. {score:7.4f}  {pid}")
-  written = visualize.write_results_page(
+  written = results_page.write_results_page(
       _OUT.value, query_views, _TEXT.value, ids[0], scores[0], views,
       source_id=source_id, max_views=config.data.max_views)
   print(f"Wrote {written['html']} and {written['png']}")

@@ -17,7 +17,7 @@ Per sequence kind a batch holds:
   emb_positions                          [B, E]
   position_ids                           [B, 3, L] multimodal RoPE positions
 and, for kinds with images,
-  patches          uint8 [G, N, M, 3 * patch * patch]  (G groups of N slots of M patches)
+  patches          uint8 [G, N, M, 3 * patch * patch] (G groups of N slots of M patches)
   image_grid_thw   int32 [G, N, 3]                       (zeros for empty slots)
   image_slot       int32 [B, L]  slot of the row's group an image token shows, or -1
   image_pos        int32 [B, L]  that token's index among its image's merged tokens

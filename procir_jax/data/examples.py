@@ -130,7 +130,8 @@ class ExampleBuilder:
     patches, grid, counts = self._views(product)
     return self.sequence(self.dialogues.document(counts), patches, grid)
 
-  def query(self, joined: fashionmv.JoinedTriplet, with_reasoning: bool) -> EncodedSequence:
+  def query(self, joined: fashionmv.JoinedTriplet,
+            with_reasoning: bool) -> EncodedSequence:
     o = self.options
     patches, grid, counts = self._views(joined.source)
     text = joined.triplet.texts.get(o.query_text)

@@ -10,7 +10,7 @@
                           with exact search and the ScaNN settings
   results.txt             the table that is also printed
   report.html             the table with chance levels, recall@k curves and
-                          example queries with their views (report_html.py)
+                          example queries with their views (report_page.py)
   embeddings/<dataset>.npz
                           gallery_ids, gallery, source_ids, target_ids, q, s
                           (float32 vectors as encoded, before normalisation),
@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from procir_jax.eval import recall
-from procir_jax.eval import report_html
+from procir_jax.eval.pages import report_page
 
 RESULTS_FILE = "results.json"
 DETAILS_FILE = "results_details.json"
@@ -200,11 +200,11 @@ def format_table(results: recall.EvalResults) -> str:
 
 def write_html(out_dir, results: recall.EvalResults,
                data: Iterable[recall.DatasetEmbeddings] | None = None,
-               views: report_html.DatasetViews | None = None,
+               views: report_page.DatasetViews | None = None,
                **options) -> str:
-  """Writes report.html (see report_html.render for `views` and `options`)."""
+  """Writes report.html (see report_page.render for `views` and `options`)."""
   path = os.path.join(os.fspath(out_dir), HTML_FILE)
-  page = report_html.render(results, data, views, **options)
+  page = report_page.render(results, data, views, **options)
   _atomic_write(path, lambda f: f.write(page.encode()))
   return path
 
@@ -212,7 +212,7 @@ def write_html(out_dir, results: recall.EvalResults,
 def write_report(out_dir, results: recall.EvalResults,
                  data: Iterable[recall.DatasetEmbeddings] | Mapping[str, Any]
                  | None = None, *, echo: bool = True,
-                 views: report_html.DatasetViews | None = None
+                 views: report_page.DatasetViews | None = None
                  ) -> dict[str, Any]:
   """Writes results.json, results_details.json, results.txt, the npz files
   and report.html.
@@ -258,7 +258,7 @@ def evaluate_and_write(out_dir, data: Sequence[recall.DatasetEmbeddings]
                        | Mapping[str, Any],
                        backends: Sequence[str] = ("exact", "scann"),
                        scann_settings=None, echo: bool = True,
-                       views: report_html.DatasetViews | None = None
+                       views: report_page.DatasetViews | None = None
                        ) -> recall.EvalResults:
   """`recall.evaluate` then `write_report`, embeddings included."""
   if isinstance(data, Mapping):

@@ -200,8 +200,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None):
 
 
 # ---------------------------------------------------------------------------
-# Chunked form. Layouts inside (one chunk; b row, h key head, r value head within its key head's group, c/t/s token in the chunk,
-# k/v feature):
+# Chunked form. Layouts inside (one chunk; b row, h key head, r value head within
+# its key head's group, c/t/s token in the chunk, k/v feature):
 #   q, k: [B, C, Hk, Dk] and v: [B, C, Hk, R, Dv], in the input dtype, sliced
 #     from the [B, n, ...] arrays as stored;
 #   g, beta and the decays: [B, Hk, R, C] fp32;

@@ -1,4 +1,5 @@
-"""Flash attention for TPU in Pallas (forward and backward), with truthful cost estimates.
+"""Flash attention for TPU in Pallas (forward and backward), with truthful cost
+estimates.
 
   out = flash_attention(q, k, v, scale=d ** -0.5, causal=True)            # decoder
   out = flash_attention(q, k, v, scale=d ** -0.5, causal=False,
@@ -6,69 +7,73 @@
 
 Why our own kernel: JAX ships Pallas TPU attention (`jax.experimental.pallas.ops.tpu`
 flash_attention and splash_attention), but their backward `pallas_call`s (and all of
-splash's) carry no `cost_estimate`, so XLA's `cost_analysis()` sees neither their FLOPs nor
-their HBM bytes, and our per-chip planning numbers come from `cost_analysis()`. Every
-`pallas_call` here passes a `pl.CostEstimate` computed from the blocks the kernel actually
-visits (see "Cost estimates" below). The design follows JAX's kernels (online softmax with
-fp32 running max / sum / accumulator, saved log-sum-exp, a dQ kernel and a dK/dV kernel,
-skipped blocks whose index maps repeat the previous block so no DMA is issued). The dQ
-kernel also computes D_i = rowsum(dO * O) in VMEM and hands it to the dK/dV kernel, so
-no XLA op outside the kernels touches O or dO.
+splash's) carry no `cost_estimate`, so XLA's `cost_analysis()` sees neither their FLOPs
+nor their HBM bytes, and our per-chip planning numbers come from `cost_analysis()`.
+Every `pallas_call` here passes a `pl.CostEstimate` computed from the blocks the kernel
+actually visits (see "Cost estimates" below). The design follows JAX's kernels (online
+softmax with fp32 running max / sum / accumulator, saved log-sum-exp, a dQ kernel and a
+dK/dV kernel, skipped blocks whose index maps repeat the previous block so no DMA is
+issued). The dQ kernel also computes D_i = rowsum(dO * O) in VMEM and hands it to the
+dK/dV kernel, so no XLA op outside the kernels touches O or dO.
 
 Layout. q, k, v are not transposed: the wrapper reshapes [B, L, H, D] to [B, L, H*D] and
-BlockSpecs pick a lane window of whole heads. (On TPU that reshape is a bitcast only when
-the array was laid out as [B, L, H*D], e.g. a projection output reshaped by the caller:
-the two reshapes cancel. XLA's TPU layout for a 4-D [B, L, H, D] operand tiles (H, D), so
-converting one costs a copy, as any head-major kernel would.)
-  * D % 128 == 0 ("aligned", the decoder: D=256): one grid step takes one kv head's lanes
-    [bk, D] and the G = Hq/Hkv query heads sharing it, [bq, G*D]; heads are sliced out at
-    128-aligned lane offsets. K/V blocks are read once per group, not once per query head.
-  * D % 128 != 0 ("packed", the vision tower: D=64): a grid step takes enough heads to fill
-    a 128-lane window (two heads for D=64; all heads if no divisor of H fills one), and each
-    head's matmuls run over the whole window with the other heads' lanes zeroed (q/dO side)
-    or discarded (lane select on the outputs). On a 128-wide MXU this costs the same passes
-    as a D=64 matmul padded to 128, and it avoids a [B, L, H, D] -> [B, H, L, D] transpose
-    in HBM. Grouped-query attention in this mode repeats K/V to Hq heads in the wrapper
-    (autodiff sums dK/dV over the group); no model shape needs it (the vision tower has
-    Hq == Hkv), it exists so every shape works.
+BlockSpecs pick a lane window of whole heads. (On TPU that reshape is a bitcast only
+when the array was laid out as [B, L, H*D], e.g. a projection output reshaped by the
+caller: the two reshapes cancel. XLA's TPU layout for a 4-D [B, L, H, D] operand tiles
+(H, D), so converting one costs a copy, as any head-major kernel would.)
+  * D % 128 == 0 ("aligned", the decoder: D=256): one grid step takes one kv head's
+    lanes [bk, D] and the G = Hq/Hkv query heads sharing it, [bq, G*D]; heads are sliced
+    out at 128-aligned lane offsets. K/V blocks are read once per group, not once per
+    query head.
+  * D % 128 != 0 ("packed", the vision tower: D=64): a grid step takes enough heads to
+    fill a 128-lane window (two heads for D=64; all heads if no divisor of H fills one),
+    and each head's matmuls run over the whole window with the other heads' lanes zeroed
+    (q/dO side) or discarded (lane select on the outputs). On a 128-wide MXU this costs
+    the same passes as a D=64 matmul padded to 128, and it avoids a [B, L, H, D] ->
+    [B, H, L, D] transpose in HBM. Grouped-query attention in this mode repeats K/V to
+    Hq heads in the wrapper (autodiff sums dK/dV over the group); no model shape needs
+    it (the vision tower has Hq == Hkv), it exists so every shape works.
 
 Padding and masks. Lengths are padded in the wrapper to a multiple of the block (see
 `_block_and_padded_len`) and the output is sliced back. Per batch row, keys at or beyond
-kv_len (kv_lengths[b], or the true Lk) are masked; for self-attention (Lq == Lk) query rows
-at or beyond that length are padding too: their output is 0 and they get no gradient (the
-model discards them; the reference would average values there instead, and the tests only
-compare real rows). Blocks entirely above the causal diagonal, entirely beyond kv_len, or
-entirely in query padding are skipped (no MXU work, no DMA); interior blocks skip the mask
-arithmetic. A row with no visible key gives a finite output (0 here), never NaN.
+kv_len (kv_lengths[b], or the true Lk) are masked; for self-attention (Lq == Lk) query
+rows at or beyond that length are padding too: their output is 0 and they get no
+gradient (the model discards them; the reference would average values there instead, and
+the tests only compare real rows). Blocks entirely above the causal diagonal, entirely
+beyond kv_len, or entirely in query padding are skipped (no MXU work, no DMA); interior
+blocks skip the mask arithmetic. A row with no visible key gives a finite output (0
+here), never NaN.
 Nothing of size [B, H, L, L] exists anywhere, forward or backward: the residuals are
 q, k, v, o and a [B, Hq, Lq] fp32 log-sum-exp; each kernel holds one [bq, bk] score
 block per head in VMEM at a time.
 
 Block sizes. `block_q`/`block_k` are rounded down to a multiple of 128 (at least 128); a
-length L uses n = ceil(L / block) blocks of size round_up(ceil(L / n), 128), so the padded
-length is n * that (e.g. 320 -> one 384 block, 576 -> two 384 blocks, 1536 -> three 512).
-Multiples of 128 keep the [bq, bk] score tiles, the [bq] log-sum-exp rows and the [bk] key
-windows lane-dense on TPU.
+length L uses n = ceil(L / block) blocks of size round_up(ceil(L / n), 128), so the
+padded length is n * that (e.g. 320 -> one 384 block, 576 -> two 384 blocks, 1536 ->
+three 512). Multiples of 128 keep the [bq, bk] score tiles, the [bq] log-sum-exp rows
+and the [bk] key windows lane-dense on TPU.
 
 Cost estimates (static, so they assume every row is full length: kv_lengths only lowers
-the true cost). A "pair" is a (q block, kv block) the kernel computes: for causal attention
-the blocks on or below the diagonal (about half), never blocks wholly in wrapper padding.
-With Dm the matmul width per head (D when aligned, the lane window when packed) and Hq heads:
+the true cost). A "pair" is a (q block, kv block) the kernel computes: for causal
+attention the blocks on or below the diagonal (about half), never blocks wholly in
+wrapper padding. With Dm the matmul width per head (D when aligned, the lane window when
+packed) and Hq heads:
   flops           = 2 per multiply-add of the MXU matmuls issued, per pair and head:
-                    forward 2*bq*bk*Dm * 2 (QK^T, PV); dQ kernel 3 matmuls (QK^T, dO V^T,
-                    dS K); dK/dV kernel 4 (K Q^T, V dO^T, P^T dO, dS^T Q). So fwd + bwd
-                    is 18 * bq*bk*Dm per pair and head, against the textbook 12 (the two
-                    backward kernels each recompute P and dP). Packed heads (D=64) count
-                    their 128-lane window, i.e. twice the D=64 work, because that is what
-                    the MXU executes. Elementwise (VPU) work is not counted.
+                    forward 2*bq*bk*Dm * 2 (QK^T, PV); dQ kernel 3 matmuls (QK^T,
+                    dO V^T, dS K); dK/dV kernel 4 (K Q^T, V dO^T, P^T dO, dS^T Q). So
+                    fwd + bwd is 18 * bq*bk*Dm per pair and head, against the textbook
+                    12 (the two backward kernels each recompute P and dP). Packed heads
+                    (D=64) count their 128-lane window, i.e. twice the D=64 work,
+                    because that is what the MXU executes. Elementwise (VPU) work is not
+                    counted.
   transcendentals = the exps: bq*bk per pair and head in each kernel, plus the forward's
                     bq rescale exps per pair and head and bq logs per q block and head.
-  bytes_accessed  = HBM bytes of the DMAs the pipeline issues: an input block is read each
-                    time its block index changes between consecutive grid steps (the counts
-                    come from running the same index maps in Python), outputs are written
-                    once per block, plus the scalar-prefetched lengths. Logical bytes: the
-                    fp32 log-sum-exp / dO.O rows are counted at 4 bytes each, not at their
-                    tiled (8-sublane) HBM footprint.
+  bytes_accessed  = HBM bytes of the DMAs the pipeline issues: an input block is read
+                    each time its block index changes between consecutive grid steps
+                    (the counts come from running the same index maps in Python),
+                    outputs are written once per block, plus the scalar-prefetched
+                    lengths. Logical bytes: the fp32 log-sum-exp / dO.O rows are counted
+                    at 4 bytes each, not at their tiled (8-sublane) HBM footprint.
 """
 
 from __future__ import annotations
@@ -100,8 +105,9 @@ def _cdiv(a, b):
 
 
 def _div(a, b: int):
-  """a // b for a >= 0: `lax.div` on traced values (jnp's floor division lowers through
-  `sign`, which the Mosaic lowering cannot resolve when compiling for TPU from a CPU host)."""
+  """a // b for a >= 0: `lax.div` on traced values (jnp's floor division lowers
+  through `sign`, which the Mosaic lowering cannot resolve when compiling for TPU
+  from a CPU host)."""
   if isinstance(a, (int, np.integer)):
     return a // b
   return lax.div(a, jnp.asarray(b, a.dtype))
@@ -180,8 +186,8 @@ class _Plan:
     return self.wk if self.packed else self.d
 
 
-# Block predicates and index maps. `xp` is jnp inside kernels / index maps and np when the
-# cost estimate replays them in Python, so the byte counts follow the real schedule.
+# Block predicates and index maps. `xp` is jnp inside kernels / index maps and np when
+# the cost estimate replays them in Python, so the byte counts follow the real schedule.
 
 
 def _last_q(p: _Plan, q_len, xp):
@@ -213,7 +219,8 @@ def _runs(p: _Plan, qi, kj, q_len, kv_len):
 
 
 def _needs_mask(p: _Plan, qi, kj, q_len, kv_len):
-  """Whether block (qi, kj) has any hidden pair (else the mask arithmetic is skipped)."""
+  """Whether block (qi, kj) has any hidden pair (else the mask arithmetic is
+  skipped)."""
   need = ((kj + 1) * p.bk > kv_len) | ((qi + 1) * p.bq > q_len)
   if p.causal:
     need = need | ((kj + 1) * p.bk - 1 > qi * p.bq)
@@ -221,7 +228,7 @@ def _needs_mask(p: _Plan, qi, kj, q_len, kv_len):
 
 
 def _qmajor_indices(p: _Plan, qi, kj, q_len, kv_len, xp):
-  """(q block, kv block) DMA'd at step (qi, kj) of the forward and dQ kernels (kj inner).
+  """(q block, kv block) DMA'd at step (qi, kj) of the fwd and dQ kernels (kj inner).
 
   Skipped steps repeat a block that is needed anyway: after a q block's last visible kv
   block they prefetch kv block 0 of the next q block; past the last real q block they
@@ -247,7 +254,7 @@ def _kmajor_indices(p: _Plan, kj, qi, q_len, kv_len, xp):
   return ke, qe
 
 
-# ------------------------------------------------------------------------ kernel helpers
+# ----------------------------------------------------------------------- kernel helpers
 
 
 def _lanes(x, n):
@@ -268,7 +275,8 @@ def _head_lanes(p: _Plan, h: int, width: int):
 
 
 def _q_side(p: _Plan, ref, h: int):
-  """Query-side head h (q, dO): its lanes when aligned, else the window with others zeroed."""
+  """Query-side head h (q, dO): its lanes when aligned, else the window with others
+  zeroed."""
   if not p.packed:
     return ref[:, h * p.d:(h + 1) * p.d]
   x = ref[...]
@@ -354,10 +362,10 @@ def _fwd_kernel(qlen_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     rows = qi * p.bq + lax.broadcasted_iota(jnp.int32, (p.bq, _LANES), 0)
     factor = None
     for h in range(p.nh):
-      l, m = l_sc[h], m_sc[h]
-      ok = (rows < q_len) & (l > 0)
-      inv = jnp.where(ok, 1.0 / jnp.where(ok, l, 1.0), 0.0)
-      lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0)
+      row_sum, m = l_sc[h], m_sc[h]
+      ok = (rows < q_len) & (row_sum > 0)
+      inv = jnp.where(ok, 1.0 / jnp.where(ok, row_sum, 1.0), 0.0)
+      lse = jnp.where(ok, m + jnp.log(jnp.where(ok, row_sum, 1.0)), 0.0)
       lse_ref[h:h + 1, :] = lse.T[:1, :]  # [bq, 128] -> [1, bq]
       if p.packed:
         spread = _lanes(inv, p.wq)
@@ -449,7 +457,7 @@ def _dkv_kernel(qlen_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_re
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-# ------------------------------------------------------------------------ cost estimates
+# ----------------------------------------------------------------------- cost estimates
 
 
 @functools.lru_cache(maxsize=None)
@@ -473,7 +481,8 @@ def _schedule(p: _Plan) -> dict[str, int]:
 
 
 def cost_estimates(p: _Plan) -> dict[str, pl.CostEstimate]:
-  """The CostEstimate of each kernel ("fwd", "dq", "dkv"); the rules are in the module doc."""
+  """The CostEstimate of each kernel ("fwd", "dq", "dkv"); the rules are in the
+  module doc."""
   sch = _schedule(p)
   segs = p.batch * p.nhb
   qb = np.dtype(p.q_dtype).itemsize
@@ -482,7 +491,8 @@ def cost_estimates(p: _Plan) -> dict[str, pl.CostEstimate]:
   kv_blk = p.bk * p.wk * kvb  # one of k, v, dK, dV
   row_blk = p.nh * p.bq * 4  # fp32 log-sum-exp or dO.O rows of a q block
   lens = 2 * p.batch * 4
-  mac = p.bq * p.bk * p.dm * p.nh * sch["pairs"] * segs  # multiply-adds of one matmul kind
+  # Multiply-adds of one matmul kind.
+  mac = p.bq * p.bk * p.dm * p.nh * sch["pairs"] * segs
   exps = p.bq * p.bk * p.nh * sch["pairs"] * segs
   fwd = pl.CostEstimate(
       flops=2 * 2 * mac,
@@ -504,7 +514,7 @@ def cost_estimates(p: _Plan) -> dict[str, pl.CostEstimate]:
   return dict(fwd=fwd, dq=dq, dkv=dkv)
 
 
-# --------------------------------------------------------------------------- pallas calls
+# ------------------------------------------------------------------------- pallas calls
 
 
 def _compiler_params():
@@ -544,7 +554,8 @@ def _qmajor_call(p: _Plan, kernel, name: str, operands: str, q_lens, kv_lens, *a
       num_scalar_prefetch=2,
       grid=(p.batch, p.nhb, p.nq, p.nk),
       in_specs=[specs[c] for c in operands],
-      out_specs=[pl.BlockSpec((None, p.bq, p.wq), lambda b, hb, qi, kj, ql, kl: (b, qi, hb)),
+      out_specs=[pl.BlockSpec((None, p.bq, p.wq),
+                              lambda b, hb, qi, kj, ql, kl: (b, qi, hb)),
                  pl.BlockSpec((None, None, p.nh, p.bq),
                               lambda b, hb, qi, kj, ql, kl: (b, hb, 0, qi))],
       scratch_shapes=[pltpu.VMEM((p.nh, p.bq, _LANES), jnp.float32),
@@ -617,7 +628,7 @@ def _flash_bwd(p: _Plan, res, do3):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# ------------------------------------------------------------------------------- the API
+# ------------------------------------------------------------------------------ the API
 
 
 def make_plan(q_shape, k_shape, q_dtype, kv_dtype, *, scale: float, causal: bool,
@@ -650,30 +661,35 @@ def flash_attention(q, k, v, *, scale: float, causal: bool,
   callers discard them). `interpret=True` runs the Pallas interpreter (CPU tests).
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"flash_attention wants q [B, Lq, Hq, D] and k, v [B, Lk, Hkv, D]; got "
-                     f"q {q.shape}, k {k.shape}, v {v.shape}.")
+    raise ValueError(f"flash_attention wants q [B, Lq, Hq, D] and k, v "
+                     f"[B, Lk, Hkv, D]; got q {q.shape}, k {k.shape}, v {v.shape}.")
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"flash_attention: k {k.shape} and v {v.shape} must both be "
                      f"[{b}, Lk, Hkv, {d}] to match q {q.shape}.")
   if hq % hkv:
-    raise ValueError(f"flash_attention: {hq} query heads are not a multiple of {hkv} kv heads.")
+    raise ValueError(f"flash_attention: {hq} query heads are not a multiple of "
+                     f"{hkv} kv heads.")
   if causal and lq != lk:
-    raise ValueError(f"flash_attention: causal attention needs Lq == Lk; got {lq} and {lk}.")
+    raise ValueError(f"flash_attention: causal attention needs Lq == Lk; "
+                     f"got {lq} and {lk}.")
   if kv_lengths is not None and kv_lengths.shape != (b,):
-    raise ValueError(f"flash_attention: kv_lengths must be [{b}]; got {kv_lengths.shape}.")
+    raise ValueError(f"flash_attention: kv_lengths must be [{b}]; "
+                     f"got {kv_lengths.shape}.")
 
   p = make_plan(q.shape, k.shape, q.dtype, k.dtype, scale=scale, causal=causal,
                 block_q=block_q, block_k=block_k, interpret=interpret)
-  if p.hkv != hkv:  # packed mode with grouped-query attention: one kv head per query head
+  # Packed mode with grouped-query attention: one kv head per query head.
+  if p.hkv != hkv:
     k = jnp.repeat(k, hq // hkv, axis=2)
     v = jnp.repeat(v, hq // hkv, axis=2)
   if kv_lengths is None:
     kv_lens = jnp.full((b,), lk, jnp.int32)
   else:
     kv_lens = jnp.clip(kv_lengths.astype(jnp.int32), 0, lk)
-  q_lens = kv_lens if (kv_lengths is not None and lq == lk) else jnp.full((b,), lq, jnp.int32)
+  q_lens = (kv_lens if (kv_lengths is not None and lq == lk)
+            else jnp.full((b,), lq, jnp.int32))
 
   def flat(x, padded):
     # [B, L, H, D] -> [B, L, H*D] first: a caller whose q came from a [B, L, H*D]
@@ -683,5 +699,6 @@ def flash_attention(q, k, v, *, scale: float, causal: bool,
       x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0)))
     return x
 
-  o3 = _flash(p, flat(q, p.lq_pad), flat(k, p.lk_pad), flat(v, p.lk_pad), q_lens, kv_lens)
+  o3 = _flash(p, flat(q, p.lq_pad), flat(k, p.lk_pad), flat(v, p.lk_pad), q_lens,
+              kv_lens)
   return o3[:, :lq].reshape(b, lq, hq, d)

@@ -51,16 +51,16 @@ padding) with q = k = v = 0 and g = beta = 0, which leaves the state untouched.
 Precision (as gated_delta._Precisions, with Mosaic's two dot precisions). bf16 inputs:
 products of two raw inputs (K K^T, Q K^T) are bf16 x bf16 with fp32 accumulation
 (exact products); every other product has a derived fp32 operand (the state, T, U, the
-cotangents, the [C, C] gradients), which is rounded to bf16 (fp32 accumulation), as XLA's
-DEFAULT precision does on TPU; T's products run in three bf16 passes (hi*hi + hi*lo +
-lo*hi, the "HIGH" of XLA: Mosaic itself offers only one pass or fp32). fp32 inputs: every
-product at HIGHEST (fp32 contraction). The state, the decays and every elementwise term
-stay fp32. The decay matrix D[t, s] = exp(gamma_t - gamma_s): with fp32 inputs its
-exponent is the segment sum sum_{s < u <= t} g_u, formed as a product of the masked g
-with a 0/1 mask in three bf16 passes (g split into three bf16 terms, the mask exact:
-fp32-accurate), because the difference of two cumulative sums loses |gamma| 2^-24 to
-cancellation, which showed as 1.3e-5 errors in fp32 gradients (gated_delta.py takes the
-difference; so does this kernel with bf16 inputs, where it is far below the noise).
+cotangents, the [C, C] gradients), which is rounded to bf16 (fp32 accumulation), as
+XLA's DEFAULT precision does on TPU; T's products run in three bf16 passes (hi*hi +
+hi*lo + lo*hi, the "HIGH" of XLA: Mosaic itself offers only one pass or fp32). fp32
+inputs: every product at HIGHEST (fp32 contraction). The state, the decays and every
+elementwise term stay fp32. The decay matrix D[t, s] = exp(gamma_t - gamma_s): with fp32
+inputs its exponent is the segment sum sum_{s < u <= t} g_u, formed as a product of the
+masked g with a 0/1 mask in three bf16 passes (g split into three bf16 terms, the mask
+exact: fp32-accurate), because the difference of two cumulative sums loses |gamma| 2^-24
+to cancellation, which showed as 1.3e-5 errors in fp32 gradients (gated_delta.py takes
+the difference; so does this kernel with bf16 inputs, where it is far below the noise).
 rho_s = D[last, s] and lam = a_last are read off D and a, not exponentiated again.
 
 The inverse T = (I + M)^-1 (M strictly lower) is built by doubling: T_1 = I,
@@ -334,13 +334,15 @@ def _unit_lower_inverse(m, p: _Plan):
 def _col_of_row(x, eye):
   """[1, C] -> [C, 1] (exact: one nonzero per lane reduction)."""
   c = eye.shape[0]
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (c, c)), 0.0), axis=1, keepdims=True)
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (c, c)), 0.0), axis=1,
+                 keepdims=True)
 
 
 def _row_of_col(x, eye):
   """[C, 1] -> [1, C] (exact)."""
   c = eye.shape[0]
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (c, c)), 0.0), axis=0, keepdims=True)
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (c, c)), 0.0), axis=0,
+                 keepdims=True)
 
 
 def _mm_mask(x, mask):
@@ -578,7 +580,7 @@ def _bwd_states_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, st_ref,
   lax.fori_loop(0, p.ncb, body, 0)
 
 
-# ------------------------------------------------------------------------ cost estimates
+# ----------------------------------------------------------------------- cost estimates
 
 
 def _grid_runs(grid, index_map) -> int:
@@ -649,7 +651,7 @@ def cost_estimates(p: _Plan) -> dict[str, pl.CostEstimate]:
                           transcendentals=bwd_exps * chunks, bytes_accessed=bwd_bytes))
 
 
-# --------------------------------------------------------------------------- pallas calls
+# ------------------------------------------------------------------------- pallas calls
 
 
 def _vmem_limit(p: _Plan) -> int:
@@ -704,7 +706,8 @@ def _bwd_call(p: _Plan, q3, k3, v3, g5, b5, do3, states):
   def q_block(t):
     return _bwd_blocks(p, t, jnp)[1]
 
-  k_spec = pl.BlockSpec((None, p.lb, p.dk), lambda b, h, t: (b, kv_block(t), _div(h, r)))
+  k_spec = pl.BlockSpec((None, p.lb, p.dk),
+                        lambda b, h, t: (b, kv_block(t), _div(h, r)))
   q_spec = pl.BlockSpec((None, p.lb, p.dk), lambda b, h, t: (b, q_block(t), _div(h, r)))
   v_spec = pl.BlockSpec((None, p.lb, p.dv), lambda b, h, t: (b, kv_block(t), h))
   do_spec = pl.BlockSpec((None, p.lb, p.dv), lambda b, h, t: (b, q_block(t), h))
@@ -771,7 +774,7 @@ def _delta_bwd(p: _Plan, res, do3):
 _delta.defvjp(_delta_fwd, _delta_bwd)
 
 
-# ------------------------------------------------------------------------------- the API
+# ------------------------------------------------------------------------------ the API
 
 
 def supported(q_shape, v_shape) -> bool:
@@ -815,8 +818,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64,
                      f"[B, L, Hv] = {(b, length, hv)}.")
   if q.dtype not in (jnp.float32, jnp.bfloat16) or k.dtype != q.dtype or (
       v.dtype != q.dtype):
-    raise ValueError(f"tpu_gated_delta: q, k, v must share one dtype, bf16 or fp32; got "
-                     f"{q.dtype}, {k.dtype}, {v.dtype}.")
+    raise ValueError(f"tpu_gated_delta: q, k, v must share one dtype, bf16 or fp32; "
+                     f"got {q.dtype}, {k.dtype}, {v.dtype}.")
   c = int(chunk_size)
   if c < 8 or c > 128 or c & (c - 1):
     raise ValueError(f"tpu_gated_delta: chunk_size={chunk_size} must be a power of two "

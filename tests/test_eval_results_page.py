@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from procir_jax.eval import visualize
+from procir_jax.eval.pages import results_page
 
 
 class _Sources(html.parser.HTMLParser):
@@ -43,7 +43,7 @@ def test_page_and_sheet_from_release_images(fashionmv_release, tmp_path):
   query_views = [np.asarray(Image.open(p)) for p in products[source]]
   ranked = ids[1:5] + ["missing/product"]
   scores = np.linspace(0.9, 0.5, len(ranked))
-  paths = visualize.write_results_page(
+  paths = results_page.write_results_page(
       tmp_path / "out", query_views, "make it blue & <striped>", ranked,
       scores, products.get, target_id=target, source_id=source, name="q0")
 
@@ -71,7 +71,7 @@ def test_page_and_sheet_from_release_images(fashionmv_release, tmp_path):
 def test_embedded_page_needs_no_side_files(tmp_path):
   views = {"a": [np.full((40, 30, 3), 200, np.uint8)],
            "b": [np.zeros((30, 40), np.uint8), np.zeros((30, 40, 4), np.uint8)]}
-  paths = visualize.write_results_page(
+  paths = results_page.write_results_page(
       tmp_path, [np.zeros((20, 20, 1), np.uint8)], "", ["a", "b"], [0.5, 0.25],
       views, embed=True, name="embedded")
   assert paths["images"] == []
@@ -82,14 +82,14 @@ def test_embedded_page_needs_no_side_files(tmp_path):
 
 def test_bad_views_are_reported():
   with pytest.raises(ValueError, match="uint8"):
-    visualize.to_image(np.zeros((4, 4, 3), np.float32))
+    results_page.to_image(np.zeros((4, 4, 3), np.float32))
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    visualize.to_image("no/such/view.jpg")
+    results_page.to_image("no/such/view.jpg")
 
 
 def test_views_may_be_encoded_bytes():
   # As fashionmv.Product.views holds them: the evaluation page passes them on.
   buf = io.BytesIO()
   Image.fromarray(np.full((12, 8, 3), 40, np.uint8)).save(buf, format="PNG")
-  image = visualize.to_image(buf.getvalue())
+  image = results_page.to_image(buf.getvalue())
   assert image.size == (8, 12) and image.getpixel((0, 0)) == (40, 40, 40)

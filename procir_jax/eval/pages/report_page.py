@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Mapping, Union
 import numpy as np
 
 from procir_jax.eval import recall
-from procir_jax.eval import visualize
+from procir_jax.eval.pages import results_page
 
 TOP = 5
 CURVE_K = recall.CURVE_DEPTH
@@ -43,8 +43,8 @@ _COLOURS = {"exact": "#0d6efd", "scann": "#fd7e14"}
 _DASHES = {"exact": "", "scann": "6 4"}
 
 # Dataset key -> the dataset's view source (product id -> views).
-DatasetViews = Union[Mapping[str, visualize.ViewSource],
-                     Callable[[str], Union[visualize.ViewSource, None]]]
+DatasetViews = Union[Mapping[str, results_page.ViewSource],
+                     Callable[[str], Union[results_page.ViewSource, None]]]
 
 _CSS = """
 h2 { font-size: 18px; margin: 32px 0 8px; }
@@ -70,7 +70,7 @@ table.recall tr.average td { font-weight: 600; }
 """
 
 
-def product_views(products) -> Callable[[str], visualize.ViewSource]:
+def product_views(products) -> Callable[[str], results_page.ViewSource]:
   """Views from a `fashionmv.Products` (any object with `(source, id) in` and
   `.get((source, id)).views`): dataset -> product id -> encoded views."""
   def for_dataset(dataset: str):
@@ -318,13 +318,13 @@ def curves_svg(result: recall.DatasetResult, max_k: int = CURVE_K) -> str:
 class _CachedViews:
   """A dataset's view source whose images are decoded once per product."""
 
-  def __init__(self, views: visualize.ViewSource):
+  def __init__(self, views: results_page.ViewSource):
     self._views, self._images = views, {}
 
   def __call__(self, product_id: str):
     if product_id not in self._images:
-      self._images[product_id] = [visualize.to_image(v) for v in
-                                  visualize.views_of(self._views, product_id)]
+      self._images[product_id] = [results_page.to_image(v) for v in
+                                  results_page.views_of(self._views, product_id)]
     return self._images[product_id]
 
 
@@ -342,28 +342,28 @@ def _example_html(ex: Example, dataset: str, views, store, stems: dict,
   meta = (f'<span class="kind {esc(ex.kind)}">{esc(ex.kind)}</span>'
           f"query {ex.query} &middot; source {esc(ex.source_id)} &middot; "
           f"target {esc(ex.target_id)} &middot; target rank {ex.rank}{others}")
-  query_row = visualize.load_row("Query", ex.source_id, None, views)
+  query_row = results_page.load_row("Query", ex.source_id, None, views)
   parts = [f'<article class="example" data-dataset="{esc(dataset)}" '
            f'data-kind="{esc(ex.kind)}" data-query="{ex.query}" '
            f'data-source="{esc(ex.source_id)}" '
            f'data-target="{esc(ex.target_id)}" data-rank="{ex.rank}">',
-           visualize.query_html(query_row, ex.text, store, max_views, meta,
+           results_page.query_html(query_row, ex.text, store, max_views, meta,
                                 stem=stem(ex.source_id))]
   if not ex.text:
     parts.append('<p class="meta">modification text not recorded with these '
                  "embeddings</p>")
-  rows = visualize.result_rows(ex.ids, ex.scores, views,
+  rows = results_page.result_rows(ex.ids, ex.scores, views,
                                target_id=ex.target_id, source_id=ex.source_id)
-  parts += [visualize.row_html(r, stem(r.product_id), store, max_views)
+  parts += [results_page.row_html(r, stem(r.product_id), store, max_views)
             for r in rows]
   if ex.target_id not in ex.ids:
-    target = visualize.load_row(f"#{ex.rank}", ex.target_id, ex.target_score,
+    target = results_page.load_row(f"#{ex.rank}", ex.target_id, ex.target_score,
                                 views, "target")
     between = ex.rank - len(ex.ids) - 1
     parts.append(f'<div class="gap">&hellip; {between} more, then the target'
                  "</div>" if between else
                  '<div class="gap">then the target</div>')
-    parts.append(visualize.row_html(target, stem(ex.target_id), store,
+    parts.append(results_page.row_html(target, stem(ex.target_id), store,
                                     max_views))
   parts.append("</article>")
   return "".join(parts)
@@ -430,7 +430,7 @@ def render(results: recall.EvalResults,
                 "(as when it is written from the embeddings alone), so "
                 "products are shown by their ids.</p>")
   # Embedded images keep the page one file that can be moved or mailed.
-  store = visualize.ImageStore("", "", thumb, embed=True)
+  store = results_page.ImageStore("", "", thumb, embed=True)
   for d in results.datasets:
     item = by_name.get(d.dataset)
     if item is None:
@@ -454,5 +454,5 @@ def render(results: recall.EvalResults,
       body.append(_example_html(ex, d.dataset, cached,
                                 store if cached is not None else None, stems,
                                 max_views))
-  return visualize.page_html(title, body, thumb=thumb, css=_CSS)
+  return results_page.page_html(title, body, thumb=thumb, css=_CSS)
 

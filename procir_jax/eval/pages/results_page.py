@@ -11,7 +11,7 @@ views), `write_results_page` writes
   <out_dir>/<name>_files/      the view images the page shows (JPEG), linked
                                with relative paths (or embedded: embed=True)
 
-  paths = visualize.write_results_page(
+  paths = results_page.write_results_page(
       "workdir/search", query_views=[front, back], text="make it blue",
       product_ids=ids[0], scores=scores[0], views=product_views,
       target_id="id_00004544", name="query_0007")
@@ -19,7 +19,7 @@ views), `write_results_page` writes
 Views are uint8 arrays (HxW, HxWx1, HxWx3 or HxWx4), image file paths or
 encoded image bytes; `views` maps a product id to its views, as a dict or a
 callable. The HTML pieces (`ImageStore`, `load_row`, `row_html`, `query_html`,
-`page_html`) are shared with the evaluation's report page (report_html.py).
+`page_html`) are shared with the evaluation's report page (report_page.py).
 """
 
 from __future__ import annotations
