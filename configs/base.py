@@ -85,6 +85,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict(dict(
       dir="", checkpoint="best", dtype="bfloat16", max_shard_gb=5.0))
 
+  # mode=embed (README "Embedding a catalogue"). collection "products": every product
+  # of `split` of the TFDS dataset `dataset` in `data_dir` (empty: data.data_dir, the
+  # run's FashionMV; a catalogue packaged with the fashionmv builder works alike),
+  # only `sources` when given (e.g. "deepfashion,f200k"), encoded as gallery
+  # documents (eval.max_views views, data.eval_batch_size per step) into
+  # <workdir>/embeddings/<name>/ (name empty: the split and the sources, e.g.
+  # "validation"): `shard_size` products per shard file, stored as `dtype` (float32
+  # or float16), each process writing its own shards; rerunning finishes an
+  # interrupted collection; read it with procir_jax.eval.collection.open_collection.
+  # collection "evaluation": the evaluation's galleries and queries (eval.split,
+  # eval.sources) as <workdir>/embeddings/<source>.npz, as the evaluation writes them.
+  c.embed = ml_collections.ConfigDict(dict(
+      collection="products", split="validation", sources=(), data_dir="",
+      dataset="fashionmv/products", name="", shard_size=10000, dtype="float32"))
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Several hosts (procir_jax/main.py, README "Sharding and hosts"): coordinator_address
   # "" runs alone, "auto" lets JAX find the cluster (TPU pod slice, Slurm, ...),

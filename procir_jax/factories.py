@@ -158,3 +158,23 @@ def config_names(value) -> tuple[str, ...]:
   """A tuple of names from a config value; a command line gives "a,b" as one string."""
   items = (value,) if isinstance(value, str) else tuple(value or ())
   return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+def embedding_fingerprint(config, model_dir: str, trained: dict) -> dict:
+  """What embeddings depend on: the model directory (its files' sizes and times), the
+  trained state (`trained`: {"dir", "step"}), and the config keys that change an
+  embedding. A collection records it, and a rerun with another one is refused."""
+  model_dir = epath.Path(model_dir).resolve()
+  files = {}
+  for f in sorted(model_dir.iterdir()):
+    if f.is_file():
+      stat = f.stat()
+      files[f.name] = [int(stat.length), int(stat.mtime)]
+  # remat only trades memory for recomputation: the same numbers either way.
+  model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}
+  return dict(
+      model_dir=str(model_dir), model_files=files, checkpoint=trained, model=model,
+      data=dict(image_backend=config.data.image_backend,
+                lengths=list(config.data.lengths), patches=list(config.data.patches),
+                max_views=config.eval.max_views),
+      procir=config.procir.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 
@@ -186,8 +187,77 @@ def run_eval(config, workdir: str) -> dict[str, float]:
   return evaluate(config, paths, graphdef, params, mesh)
 
 
+EMBED_COLLECTIONS = ("products", "evaluation")
+
+
 def run_embed(config, workdir: str) -> None:
-  """Exports gallery and query embeddings of every source to <workdir>/embeddings."""
+  """Embeds what `config.embed.collection` names (see configs/base.py, README):
+
+  "products": every product of `embed.split` (of `embed.sources`; all when empty) of
+  the TFDS dataset `embed.dataset` in `embed.data_dir` (empty: the run's data) into a
+  sharded collection under <workdir>/embeddings/<embed.name>, each process writing
+  its own shards; a rerun finishes an interrupted one (procir_jax/eval/collection.py).
+  "evaluation": the evaluation's gallery and query embeddings of every source of
+  `eval.sources` to <workdir>/embeddings/<source>.npz.
+  """
+  e = config.embed
+  if e.collection == "evaluation":
+    _embed_evaluation(config, workdir)
+    return
+  from procir_jax.eval import collection as collection_lib
+
+  if e.collection not in EMBED_COLLECTIONS:
+    raise ValueError(f"config.embed.collection must be one of {EMBED_COLLECTIONS}, "
+                     f"got {e.collection!r}.")
+  if e.dtype not in collection_lib.DTYPES:
+    raise ValueError(f"config.embed.dtype must be one of {collection_lib.DTYPES}, got "
+                     f"{e.dtype!r}.")
+  if not isinstance(e.shard_size, int) or e.shard_size < 1:
+    raise ValueError(f"config.embed.shard_size must be a whole number of products "
+                     f">= 1, got {e.shard_size!r}.")
+  sources = factories.config_names(e.sources)
+  paths = provision.prepare(config, workdir)
+  data_dir = e.data_dir or paths.data_dir
+  products = fashionmv.Products(data_dir, e.split, dataset=e.dataset)
+  keys = products.keys()
+  absent = [s for s in sources if not any(k[0] == s for k in keys)]
+  if absent:
+    held = sorted({k[0] for k in keys})
+    raise ValueError(f"config.embed.sources={sources}: {e.dataset} {e.split} in "
+                     f"{data_dir} holds no products of {absent}; it holds {held}.")
+  keys = [k for k in keys if not sources or k[0] in sources]
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  graphdef, params, step = _load_trained(config, paths, mesh)
+  trained = dict(dir=str(epath.Path(_checkpoint_dir(config, paths)).resolve())
+                 if step is not None else "", step=step)
+  name = e.name or "-".join(
+      ([e.dataset.replace("/", "_")] if e.dataset != "fashionmv/products" else [])
+      + [e.split, *sources])
+  if "/" in name or name in (".", ".."):
+    raise ValueError(f"config.embed.name must be a folder name (it goes under "
+                     f"<workdir>/embeddings/), got {name!r}.")
+  directory = paths.workdir / "embeddings" / name
+  dcfg = factories.eval_data_config(config, data_dir=data_dir,
+                                    model_dir=paths.model_dir, mesh=mesh)
+  stats = collection_lib.write_collection(
+      directory, [collection_lib.product_id(k) for k in keys], products.select(keys),
+      encoder=encode_lib.Encoder(graphdef, mesh), params=params, data_cfg=dcfg,
+      dim=nnx.merge(graphdef, params).model.config.text.hidden_size,
+      fingerprint=factories.embedding_fingerprint(config, paths.model_dir, trained),
+      collection=dict(dataset=e.dataset, data_dir=str(epath.Path(data_dir).resolve()),
+                      split=e.split, sources=list(sources),
+                      version=str(products.version)),
+      dtype=e.dtype, shard_size=e.shard_size)
+  if jax.process_index() == 0:
+    opened = collection_lib.open_collection(directory)
+    print(f"{name}: {len(opened)} products, {opened.dim}-d {opened.dtype.name} in "
+          f"{opened.num_shards} shards ({stats['kept']} kept from an earlier run) -> "
+          f"{directory}; read it with "
+          f"procir_jax.eval.collection.open_collection({str(directory)!r}).")
+
+
+def _embed_evaluation(config, workdir: str) -> None:
+  """Gallery and query embeddings of every source to <workdir>/embeddings/*.npz."""
   from procir_jax.eval import report
 
   paths, mesh, graphdef, params = load_trained(config, workdir)

@@ -71,7 +71,8 @@ class _RawSource:
           f"Cannot open {name} split {split!r} in {data_dir}: {e}. Build it first: "
           f"tfds build fashionmv --imports=tfds_fashionmv --manual_dir=<release> "
           f"--data_dir={data_dir}") from e
-    features = tfds.builder(name, data_dir=data_dir).info.features
+    info = tfds.builder(name, data_dir=data_dir).info
+    features, self.version = info.features, info.version
     self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
 
   def __len__(self) -> int:
@@ -81,12 +82,46 @@ class _RawSource:
     return self._parser.parse_example(self._source[index])
 
 
-class Products:
-  """Random access to `fashionmv/products` by record index or by (source, id)."""
+# The features a products dataset needs: `fashionmv/products`, or a catalogue packaged
+# with the fashionmv builder or with a builder of its own.
+PRODUCT_FEATURES = ("product_id", "source", "views", "caption_long", "caption_short")
 
-  def __init__(self, data_dir: str, split: str):
-    self.split = split
-    self._raw = _RawSource("fashionmv/products", split, data_dir)
+
+def _check_products_dataset(dataset: str, data_dir: str, split: str) -> None:
+  """Raises unless `dataset` is built in `data_dir` with the products features and
+  `split`."""
+  try:
+    info = tfds.builder(dataset, data_dir=data_dir).info
+  except Exception as e:  # tfds raises several types for a missing dataset
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise FileNotFoundError(
+        f"The dataset {dataset!r} is not in {data_dir} ({why}). Build it there (for "
+        f"a catalogue in the FashionMV layout: tfds build fashionmv "
+        f"--imports=tfds_fashionmv --manual_dir=<release> --data_dir=<dir>).") from e
+  missing = [f for f in PRODUCT_FEATURES if f not in info.features]
+  if missing:
+    raise ValueError(f"{dataset} in {data_dir} lacks the features {missing} of "
+                     f"fashionmv/products ({', '.join(PRODUCT_FEATURES)}): use a "
+                     f"dataset built like fashionmv/products.")
+  if split not in info.splits:
+    raise ValueError(f"{dataset} in {data_dir} has no split {split!r} (it has "
+                     f"{sorted(info.splits)}).")
+
+
+class Products:
+  """Random access to `fashionmv/products` by record index or by (source, id).
+
+  `dataset` names another TFDS dataset with the same features (PRODUCT_FEATURES):
+  a shop's catalogue packaged with the builder.
+  """
+
+  def __init__(self, data_dir: str, split: str,
+               dataset: str = "fashionmv/products"):
+    self.split, self.dataset = split, dataset
+    if dataset != "fashionmv/products":
+      _check_products_dataset(dataset, data_dir, split)
+    self._raw = _RawSource(dataset, split, data_dir)
+    self.version = self._raw.version
     start = time.perf_counter()
     self._index: dict[ProductKey, int] = {}
     for i in range(len(self._raw)):

@@ -48,10 +48,35 @@ class Encoder:
       return jax.lax.with_sharding_constraint(emb, replicated)
 
     self._embed = jax.jit(embed)
+    by_row = sharding.batch_sharding(mesh)(3)
+
+    def embed_rows(params, part):
+      with sharding.mesh_context(mesh):
+        emb, _ = nnx.merge(graphdef, params).embed(part)
+      # Left split by row, so each process can take its own rows without any
+      # process receiving the others' (catalogue-scale embedding, `embed_local`).
+      return jax.lax.with_sharding_constraint(emb, by_row)
+
+    self._embed_rows = jax.jit(embed_rows)
 
   def embed(self, params, part) -> np.ndarray:
     """[B, E, H] unit embeddings of one batch (global arrays or host arrays)."""
     return np.asarray(self._embed(params, part))
+
+  def embed_local(self, params, batch) -> tuple[np.ndarray, np.ndarray]:
+    """(record index [b], embeddings [b, E, H]) of this process's own rows.
+
+    `batch` is the process-local batch of a "gallery" or "eval_query" loader; every
+    process calls this together (one global step). Only the few bytes of shape
+    agreement travel between processes: no process receives another's embeddings.
+    Padding rows have index -1.
+    """
+    name = next(k for k in ("document", "query") if k in batch)
+    arrays = pipeline.to_global({name: batch[name], "index": batch["index"]},
+                                sharding.batch_sharding(self.mesh))
+    emb = self._embed_rows(params, arrays[name])
+    # Both are split alike along the batch axis, so the shards pair up by offset.
+    return _local_rows(arrays["index"]), _local_rows(emb)
 
   def lower(self, params, part) -> jax.stages.Lowered:
     """The encode step lowered for (abstract) parameters and a batch, to compile
@@ -80,6 +105,15 @@ class Encoder:
       logging.info("Encoding %s: %d/%d (%.1f/s, ETA %.0fs)", what, done, total, rate,
                    (total - done) / max(rate, 1e-9))
     return out, skipped
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """The rows of a batch-split global array that this process holds, in order
+  (copies along unsplit mesh axes counted once)."""
+  blocks = {}
+  for shard in x.addressable_shards:
+    blocks.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
 
 
 def evaluation_records(data_cfg: pipeline.DataConfig, split: str = "validation",
@@ -129,9 +163,9 @@ def _warn_shared_ids(gallery: dict[str, set[fashionmv.ProductKey]]) -> None:
 def _nothing_to_evaluate(source: str, split: str, gallery: int, queries: int) -> str:
   folder = release.image_folder(source, split)
   return (f"the {split} build holds {gallery} gallery products and {queries} usable "
-          f"queries of {source}: was images/{folder} absent or empty when the TFDS data "
-          f"was built? The build report lists the products without images and the "
-          f"triplets they make unusable.")
+          f"queries of {source}: was images/{folder} absent or empty when the TFDS "
+          f"data was built? The build report lists the products without images and "
+          f"the triplets they make unusable.")
 
 
 def missing_sources(data_cfg: pipeline.DataConfig, split: str = "validation",
