@@ -1,6 +1,7 @@
-"""Exact and ScaNN search: agreement, ordering, index files."""
+"""Exact, ScaNN and sharded search: agreement, ordering, tuning, index files."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -8,10 +9,35 @@ import numpy as np
 import pytest
 
 from procir_jax.eval import search
+from procir_jax.eval.search import tuning
 
 
 def _unit(rng, n, d):
   return search.l2_normalize(rng.standard_normal((n, d)))
+
+
+def _clustered(rng, n, d, clusters, spread):
+  """Unit rows around random centres; spread 1 makes neighbouring clusters
+  overlap (a row's cosine to its centre is about 0.7)."""
+  centres = _unit(rng, clusters, d)
+  rows = centres[rng.integers(0, clusters, n)]
+  return search.l2_normalize(rows + rng.standard_normal((n, d)) * spread
+                             / np.sqrt(d))
+
+
+def _near(rng, gallery, num, noise):
+  """Queries near (not on) gallery rows, as composed queries are."""
+  rows = rng.choice(len(gallery), num, replace=False)
+  d = gallery.shape[1]
+  return search.l2_normalize(gallery[rows] + rng.standard_normal((num, d))
+                             * noise / np.sqrt(d))
+
+
+def _recall(index, gallery, queries):
+  exact_indices, exact_scores = tuning.exact_top_k(gallery, queries, 10)
+  found, _ = index.search(queries, 10)
+  return float(tuning.recall_of_exact(found, exact_indices, exact_scores,
+                                      gallery, queries).mean())
 
 
 def _reference(queries, gallery, k):
@@ -65,10 +91,12 @@ def test_settings_follow_gallery_size_and_overrides():
 
 @pytest.mark.parametrize("settings", [
     None,  # auto: brute force for a small gallery
-    # AH and tree + AH, rescoring every candidate: must equal exact search.
-    dict(mode="ah", reorder_num_neighbors=1500),
+    # AH and tree + AH, rescoring every candidate in float32: must equal
+    # exact search.
+    dict(mode="ah", reorder_num_neighbors=1500, reorder_dtype="float32"),
     dict(mode="tree_ah", num_leaves=8, leaves_to_search=8,
-         reorder_num_neighbors=1500, min_partition_size=10),
+         reorder_num_neighbors=1500, min_partition_size=10,
+         reorder_dtype="float32"),
 ])
 def test_scann_on_small_gallery_equals_exact(settings):
   rng = np.random.default_rng(1)
@@ -160,3 +188,235 @@ def test_bad_inputs_are_rejected():
     search.ExactSearch(gallery).search(np.ones((2, 3), np.float32))
   with pytest.raises(ValueError, match="cannot change"):
     search.ScannSearch.load("unused", num_leaves=4)
+
+
+def test_exact_top_k_matches_a_full_sort_whatever_the_blocks():
+  rng = np.random.default_rng(5)
+  gallery, queries = _unit(rng, 2003, 16), _unit(rng, 31, 16)
+  gallery[1500] = gallery[20]  # A tie: the lower row ranks first.
+  queries[0] = gallery[20]
+  expected = _reference(queries, gallery, 10)
+  for block in (7, 500, 4096):
+    indices, scores = tuning.exact_top_k(gallery, queries, 10, block_rows=block)
+    np.testing.assert_array_equal(indices, expected[0])
+    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
+  assert tuning.exact_top_k(gallery[:4], queries, 10)[0].shape == (31, 4)
+
+
+def test_recall_counts_tied_rows_and_not_empty_slots():
+  gallery = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]  # Rows 0 and 1 tie.
+  queries = np.eye(4, dtype=np.float32)[:1]
+  exact = tuning.exact_top_k(gallery, queries, 1)
+  assert exact[0].tolist() == [[0]]
+  for found, expected in (([[1]], 1.0), ([[2]], 0.0), ([[-1]], 0.0)):
+    got = tuning.recall_of_exact(np.array(found), *exact, gallery, queries)
+    assert got.tolist() == [expected]
+
+
+def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
+  rng = np.random.default_rng(6)
+  gallery = _clustered(rng, 3000, 32, 60, 1.0)
+  queries = _near(rng, gallery, 300, 0.7)
+  fixed = search.ScannSearch(gallery, settings=dict(mode="tree_ah",
+                                                    target_recall=None))
+  assert fixed.tuned_recall is None and fixed.tuning.target is None
+  assert _recall(fixed, gallery, queries) < 0.8  # The silent failure.
+
+  index = search.ScannSearch(gallery, settings=dict(mode="tree_ah"))
+  t = index.tuning
+  assert t.met and t.target == 0.95 and index.tuned_recall >= 0.95
+  assert t.queries == "gallery" and t.num_queries == 1000
+  # Noise such that the own row is usually, not always, the nearest.
+  assert 0.6 <= t.own_row_nearest < 1.0 and t.noise_scale > 0
+  s = index.settings
+  assert (s.leaves_to_search, s.reorder_num_neighbors) == (
+      t.leaves_to_search, t.reorder_num_neighbors)
+  assert s.leaves_to_search < s.num_leaves
+  # Tuned on its own rows, it holds on queries it never saw.
+  assert _recall(index, gallery, queries) >= 0.95
+  # Fewer leaves or candidates than chosen miss the target on the sample.
+  assert any(leaves < s.leaves_to_search and recall < 0.95
+             for leaves, _, _, recall in t.evaluations)
+  assert any(leaves == s.leaves_to_search and reorder < s.reorder_num_neighbors
+             and recall < 0.95 for leaves, reorder, _, recall in t.evaluations)
+
+  loaded = search.load_index(index.save(tmp_path / "tuned"))
+  assert loaded.tuned_recall == index.tuned_recall
+  assert loaded.tuning == t and loaded.settings == s
+  meta = json.loads((tmp_path / "tuned" / "index.json").read_text())
+  assert meta["tuning"]["recall"] == t.recall
+  assert meta["tuning"]["num_queries"] == 1000
+  np.testing.assert_array_equal(loaded.search(queries, 10)[0],
+                                index.search(queries, 10)[0])
+
+
+def test_tuning_on_given_queries_and_kept_settings():
+  rng = np.random.default_rng(7)
+  gallery = _clustered(rng, 2000, 32, 40, 1.0)
+  queries = _near(rng, gallery, 400, 0.7)
+  index = search.ScannSearch(
+      gallery, settings=dict(mode="ah", tuning_sample_size=200),
+      tuning_queries=queries)
+  assert index.tuning.queries == "given" and index.tuning.num_queries == 200
+  assert index.tuning.noise_scale is None and index.tuned_recall >= 0.95
+  assert _recall(index, gallery, queries) >= 0.94
+  # A value given is kept and only measured.
+  kept = search.ScannSearch(gallery, settings=dict(mode="ah",
+                                                   reorder_num_neighbors=10))
+  assert kept.settings.reorder_num_neighbors == 10
+  assert [e[1] for e in kept.tuning.evaluations] == [10]
+  with pytest.raises(ValueError, match="target_recall is unset"):
+    search.ScannSearch(gallery, settings=dict(target_recall=None),
+                       tuning_queries=queries)
+  with pytest.raises(ValueError, match="target_recall"):
+    search.ScannSettings(target_recall=1.5)
+
+
+def test_unreachable_target_is_warned_about_and_recorded(caplog):
+  rng = np.random.default_rng(8)
+  gallery = _clustered(rng, 2000, 32, 40, 1.0)
+  with caplog.at_level(logging.WARNING):
+    index = search.ScannSearch(gallery, settings=dict(
+        mode="ah", target_recall=0.999, max_reorder_num_neighbors=12))
+  t = index.tuning
+  assert not t.met and t.recall < 0.999
+  assert t.reorder_num_neighbors == 12  # The largest allowed.
+  assert "below the target 0.999" in t.note
+  assert "max_reorder_num_neighbors" in t.note and "bfloat16" in t.note
+  assert t.note in caplog.text
+  assert "TARGET MISSED" in index.describe()
+
+
+def test_bytes_per_vector_counts_codes_reorder_data_and_ids():
+  rng = np.random.default_rng(9)
+  gallery = _clustered(rng, 3000, 64, 60, 1.0)
+  ids = [f"id_{i:06d}" for i in range(3000)]
+  index = search.ScannSearch(gallery, ids, settings=dict(mode="tree_ah",
+                                                         target_recall=None))
+  parts = index.memory_per_vector()
+  assert parts["int8 reorder rows"] == 64  # The default: one byte a dim.
+  assert parts["AH codes"] == 16  # 32 two-dim blocks, 4 bits each.
+  assert parts["tree"] == 8 and 50 < parts["id"] < 100
+  assert index.bytes_per_vector == pytest.approx(sum(parts.values()))
+  float32 = search.ScannSearch(gallery, ids, settings=dict(
+      mode="tree_ah", target_recall=None, reorder_dtype="float32"))
+  assert float32.memory_per_vector()["float32 reorder rows"] == 256
+  exact = search.ExactSearch(gallery, ids)
+  assert exact.bytes_per_vector > 512 > index.bytes_per_vector
+  assert exact.tuned_recall == 1.0
+
+
+def _split(gallery, ids, sizes):
+  start = 0
+  for size in sizes:
+    yield gallery[start:start + size], ids[start:start + size]
+    start += size
+
+
+def test_sharded_exact_index_equals_one_exact_index():
+  rng = np.random.default_rng(10)
+  gallery, queries = _unit(rng, 700, 16), _unit(rng, 23, 16)
+  # A tie across shards (exact in any summation order): the lower row wins.
+  gallery[[3, 650]] = queries[0] = np.eye(16, dtype=np.float32)[0]
+  ids = [f"p{i}" for i in range(700)]
+  whole = search.ExactSearch(gallery, ids)
+  sharded = search.build_sharded_index(_split(gallery, ids, [300, 250, 150]),
+                                       backend="exact")
+  assert isinstance(sharded, search.ShardedIndex) and sharded.ids == ids
+  for k in (1, 10, 700, 5000):
+    got, expected = sharded.search(queries, k), whole.search(queries, k)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+  assert sharded.search_ids(queries, 5)[0] == whole.search_ids(queries, 5)[0]
+  assert sharded.search(queries[:0], 5)[0].shape == (0, 5)
+  assert sharded.tuned_recall == 1.0
+  # build_index splits a gallery itself.
+  split = search.build_index(gallery, ids, backend="exact", shard_rows=300)
+  assert [s.count for s in split.shards] == [300, 300, 100]
+  np.testing.assert_array_equal(split.search(queries, 10)[0],
+                                whole.search(queries, 10)[0])
+  with pytest.raises(ValueError, match="'p0' of shard 1 is also in an earlier"):
+    search.build_sharded_index([(gallery[:10], ids[:10]),
+                                (gallery[10:20], ids[:10])], backend="exact")
+
+
+def test_sharded_scann_index_reaches_the_target_and_moves(tmp_path):
+  rng = np.random.default_rng(11)
+  gallery = _clustered(rng, 4000, 32, 80, 1.0)
+  ids = [f"WOMEN/id_{i:05d}" for i in range(4000)]
+  queries = _near(rng, gallery, 300, 0.7)
+  directory = tmp_path / "built"
+
+  def shards():
+    for number, part in enumerate(_split(gallery, ids, [2000, 2000])):
+      if number:  # Shard 0 is saved before shard 1 is even read.
+        assert (directory / "shard_00000" / "index.json").is_file()
+      yield part
+
+  index = search.build_sharded_index(
+      shards(), settings=dict(mode="tree_ah", tuning_sample_size=500),
+      directory=directory)
+  assert [s.backend for s in index.shards] == ["scann", "scann"]
+  assert all(s.tuning.met for s in index.shards)
+  assert index.tuned_recall >= 0.95
+  assert _recall(index, gallery, queries) >= 0.95
+  before = index.search_ids(queries, 10)
+
+  shutil.move(str(directory), str(tmp_path / "moved"))
+  loaded = search.load_index(tmp_path / "moved")
+  assert isinstance(loaded, search.ShardedIndex) and loaded.ids == ids
+  assert loaded.search_ids(queries, 10)[0] == before[0]
+  assert loaded.tuned_recall == index.tuned_recall
+  assert "2 shards" in loaded.describe()
+  meta = json.loads((tmp_path / "moved" / "index.json").read_text())
+  assert meta["backend"] == "sharded" and meta["count"] == 4000
+  assert [s["path"] for s in meta["shards"]] == ["shard_00000", "shard_00001"]
+  assert meta["tuning"]["recall"] == index.tuned_recall
+  for root, _, files in os.walk(tmp_path / "moved"):
+    for name in files:
+      if name.endswith((".json", ".pbtxt")):
+        assert str(tmp_path) not in open(os.path.join(root, name)).read()
+  assert loaded.bytes_per_vector == pytest.approx(
+      np.mean([s.bytes_per_vector for s in loaded.shards]))
+
+
+def test_broken_sharded_directories_name_the_shard(tmp_path):
+  rng = np.random.default_rng(12)
+  gallery = _unit(rng, 40, 8)
+  ids = [str(i) for i in range(40)]
+  search.build_sharded_index(_split(gallery, ids, [20, 20]), backend="exact",
+                             directory=tmp_path / "a")
+  shutil.rmtree(tmp_path / "a" / "shard_00001")
+  missing = str(tmp_path / "a" / "shard_00001")
+  with pytest.raises(FileNotFoundError, match=f"shard 1 .*{missing}"):
+    search.load_index(tmp_path / "a")
+
+  search.build_sharded_index(_split(gallery, ids, [20, 20]), backend="exact",
+                             directory=tmp_path / "b")
+  os.remove(tmp_path / "b" / "shard_00000" / "embeddings.npy")
+  with pytest.raises(FileNotFoundError, match="shard 0 .*embeddings.npy"):
+    search.load_index(tmp_path / "b")
+
+  search.build_sharded_index(_split(gallery, ids, [20, 20]), backend="exact",
+                             directory=tmp_path / "c")
+  meta = json.loads((tmp_path / "c" / "index.json").read_text())
+  meta["shards"][0]["path"] = "../elsewhere"
+  (tmp_path / "c" / "index.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="inside the index directory"):
+    search.load_index(tmp_path / "c")
+
+
+@pytest.mark.parametrize("high_passes", [False, True])
+def test_smallest_passing_brackets_the_threshold(high_passes):
+  tried = []
+
+  def passes(x):
+    tried.append(x)
+    return x >= 37
+
+  value, found = tuning.smallest_passing(1, 1000, passes, tolerance=0.1,
+                                         high_passes=high_passes)
+  assert found and 37 <= value <= 37 * 1.1 + 1
+  assert any(x < 37 for x in tried) and len(tried) <= 12
+  assert tuning.smallest_passing(1, 50, lambda x: False) == (50, False)
+  assert tuning.smallest_passing(4, 50, lambda x: True) == (4, True)

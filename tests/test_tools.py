@@ -37,9 +37,11 @@ def test_index_then_search_writes_a_page(tmp_path):
     node[leaf] = type(node[leaf])(value)
   paths = provision.prepare(config, str(tmp_path))
   common = ["--config=configs/base.py", f"--workdir={tmp_path}", *OVERRIDES]
+  # Shards of 2 products: tools/search.py opens a sharded index as any other.
   out = _run(["tools/build_index.py", *common, "--source=deepfashion",
-              f"--out={tmp_path / 'index'}"])
-  assert "Indexed" in out and (tmp_path / "index").is_dir()
+              "--shard_rows=2", f"--out={tmp_path / 'index'}"])
+  assert "Indexed" in out and (tmp_path / "index" / "shard_00001").is_dir()
+  assert "bytes per vector" in out
 
   from procir_jax.data import fashionmv
   products = fashionmv.Products(paths.data_dir, "validation")
@@ -47,6 +49,7 @@ def test_index_then_search_writes_a_page(tmp_path):
   out = _run(["tools/search.py", *common, f"--index={tmp_path / 'index'}",
               "--source=deepfashion", f"--product_id={query}", "--text=make it blue",
               "--k=3", f"--out={tmp_path / 'page'}"])
+  assert "Index: sharded:" in out and "recall@10 of exact 1.0000" in out
   ranked = [line.split()[-1] for line in out.splitlines() if line.strip()[:2] in
             ("1.", "2.", "3.")]
   assert len(ranked) == 3 and all(("deepfashion", r) in products for r in ranked)
@@ -58,3 +61,29 @@ def test_index_then_search_writes_a_page(tmp_path):
   from PIL import Image
   with Image.open(png) as image:
     assert image.size[0] > 200 and np.asarray(image).std() > 0
+
+
+def test_build_index_tunes_on_the_evaluation_queries_and_shards(tmp_path):
+  rng = np.random.default_rng(0)
+  centres = rng.standard_normal((400, 64)).astype(np.float32)
+  gallery = centres[rng.integers(0, 400, 20000)] + rng.standard_normal(
+      (20000, 64)).astype(np.float32)
+  ids = np.array([f"WOMEN/id_{i:05d}" for i in range(20000)])
+  queries = gallery[:300] + 0.5 * rng.standard_normal((300, 64)).astype(
+      np.float32)
+  np.savez(tmp_path / "emb.npz", gallery=gallery, gallery_ids=ids, q=queries)
+  out = _run(["tools/build_index.py", f"--embeddings={tmp_path / 'emb.npz'}",
+              "--shard_rows=10000", f"--out={tmp_path / 'index'}"])
+  # Each shard is ScaNN (AH at this size), tuned on the file's 300 queries.
+  shard_lines = [line for line in out.splitlines() if "  shard " in line]
+  assert len(shard_lines) == 2, out
+  for line in shard_lines:
+    assert "scann ah: reorder_num_neighbors=" in line
+    assert "on 300 tuning queries (the caller's queries)" in line
+  assert "Index: sharded: 2 shards (scann), 20000 rows; recall@10 of exact" in out
+  assert "int8 reorder rows 64" in out and "bytes per vector" in out
+
+  from procir_jax.eval import search
+  index = search.load_index(tmp_path / "index")
+  assert isinstance(index, search.ShardedIndex) and index.tuned_recall >= 0.95
+  assert index.ids == ids.tolist()

@@ -2,8 +2,15 @@
 
 From embeddings an evaluation or `--config.mode=embed` wrote:
 
-  python tools/build_index.py --embeddings=workdir/base/eval/embeddings/deepfashion.npz \
+  python tools/build_index.py \
+      --embeddings=workdir/base/eval/embeddings/deepfashion.npz \
       --out=workdir/base/index/deepfashion
+
+  python tools/build_index.py --embeddings=workdir/base/embeddings/validation \
+      --shard_rows=500000 --out=workdir/base/index/catalogue
+
+A collection directory is read one --shard_rows block at a time (all of it when 0),
+so a catalogue bigger than memory is indexed in parts.
 
 Or from a model and the products of a split (every source, or one):
 
@@ -12,8 +19,16 @@ Or from a model and the products of a split (every source, or one):
 
 The index directory holds the searcher's files and the product ids with relative
 paths only, so it can be copied anywhere and loaded there.
+
+A ScaNN index is tuned at build time to return, on held-out queries, a share
+--target_recall (0.95) of exact search's top 10: the evaluation's own queries when
+the embeddings file holds them (--tune_on=auto), else gallery rows plus noise. The
+tool prints the recall reached, the settings chosen and the memory per vector.
+--shard_rows=N builds one index per N rows (a sharded index, searched as one); each
+shard is saved as soon as it is built.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -22,7 +37,9 @@ import numpy as np
 
 from procir_jax.eval import search
 
-_EMBEDDINGS = flags.DEFINE_string("embeddings", None, "An embeddings/<dataset>.npz.")
+_EMBEDDINGS = flags.DEFINE_string(
+    "embeddings", None, "An embeddings/<dataset>.npz, or a collection directory that "
+    "--config.mode=embed wrote (embeddings/<name>/).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (to "
                                           "encode the products with a model).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (model, data, "
@@ -32,6 +49,14 @@ _SOURCE = flags.DEFINE_string("source", None, "Only this source (deepfashion, f2
                               "fashiongen); ids are only unique within a source.")
 _OUT = flags.DEFINE_string("out", None, "Index directory to write.", required=True)
 _BACKEND = flags.DEFINE_enum("backend", "scann", ["scann", "exact"], "Searcher.")
+_SHARD_ROWS = flags.DEFINE_integer("shard_rows", 0, "Rows per shard (0: one index).",
+                                   lower_bound=0)
+_TARGET_RECALL = flags.DEFINE_float("target_recall", 0.95, "ScaNN: recall@10 of exact "
+                                    "search to tune for (0: no tuning, fixed "
+                                    "settings).", lower_bound=0, upper_bound=1)
+_TUNE_ON = flags.DEFINE_enum("tune_on", "auto", ["auto", "queries", "gallery"],
+                             "ScaNN tuning queries: the embeddings file's queries "
+                             "(q), gallery rows plus noise, or auto: q when there.")
 
 
 def _from_model():
@@ -56,19 +81,80 @@ def _from_model():
   return np.stack([docs[i][0] for i in order]), ids
 
 
+def _tuning_queries(queries):
+  """The queries ScaNN tunes on, or None for gallery-derived ones."""
+  if _TUNE_ON.value == "gallery":
+    return None
+  if queries is None or not len(queries):
+    if _TUNE_ON.value == "queries":
+      raise app.UsageError("--tune_on=queries needs --embeddings=<npz> holding "
+                           "queries (q); use --tune_on=gallery")
+    return None
+  return queries
+
+
 def main(argv):
   del argv
+  queries = None
+  if _EMBEDDINGS.value and os.path.isdir(_EMBEDDINGS.value):
+    _from_collection(_EMBEDDINGS.value)
+    return
   if _EMBEDDINGS.value:
     with np.load(_EMBEDDINGS.value) as data:
       embeddings, ids = data["gallery"], [str(i) for i in data["gallery_ids"]]
+      if "q" in data.files:
+        queries = data["q"].reshape(-1, embeddings.shape[-1])
   elif _CONFIG.value is not None and _WORKDIR.value:
     embeddings, ids = _from_model()
   else:
     raise app.UsageError("Pass --embeddings=<npz>, or --config and --workdir.")
-  index = search.build_index(embeddings, ids, backend=_BACKEND.value)
-  path = index.save(_OUT.value)
-  print(f"Indexed {len(ids)} products ({embeddings.shape[1]}-d, {_BACKEND.value}) "
-        f"in {path}")
+  settings = dict(target_recall=_TARGET_RECALL.value or None)
+  tuning_queries = _tuning_queries(queries) if _TARGET_RECALL.value else None
+  kwargs = dict(backend=_BACKEND.value, tuning_queries=tuning_queries,
+                settings=settings if _BACKEND.value == "scann" else None)
+  shard_rows = _SHARD_ROWS.value
+  if shard_rows and len(ids) > shard_rows:
+    # Each shard is saved as soon as it is built and then freed.
+    parts = ((embeddings[i:i + shard_rows], ids[i:i + shard_rows])
+             for i in range(0, len(ids), shard_rows))
+    index = search.build_sharded_index(parts, directory=_OUT.value, **kwargs)
+    path = _OUT.value
+  else:
+    index = search.build_index(embeddings, ids, **kwargs)
+    path = index.save(_OUT.value)
+  _report(index, path, embeddings.shape[1])
+
+
+def _from_collection(directory: str) -> None:
+  """Indexes a collection --config.mode=embed wrote, one --shard_rows block at a
+  time (the collection has no queries: tuning uses gallery rows plus noise)."""
+  from procir_jax.eval import collection as collection_lib
+
+  coll = collection_lib.open_collection(directory)
+  kwargs = dict(backend=_BACKEND.value, settings=dict(
+      target_recall=_TARGET_RECALL.value or None) if _BACKEND.value == "scann"
+      else None)
+  if _SHARD_ROWS.value and len(coll) > _SHARD_ROWS.value:
+    parts = ((emb, ids) for ids, emb in coll.iter_blocks(_SHARD_ROWS.value))
+    index = search.build_sharded_index(parts, directory=_OUT.value, **kwargs)
+    path = _OUT.value
+  else:
+    index = search.build_index(coll.load().astype(np.float32), coll.ids, **kwargs)
+    path = index.save(_OUT.value)
+  _report(index, path, coll.dim)
+
+
+def _report(index, path: str, dim: int) -> None:
+  ids = index.ids
+  print(f"Indexed {len(ids)} products ({dim}-d, {_BACKEND.value}) in {path}")
+  print(f"Index: {index.describe()}")
+  if isinstance(index, search.ShardedIndex):
+    for number, shard in enumerate(index.shards):
+      print(f"  shard {number}: {shard.count} rows; {shard.describe()}")
+  memory = ", ".join(f"{name} {size:.0f}"
+                     for name, size in index.memory_per_vector().items())
+  print(f"Memory: {index.bytes_per_vector:.0f} bytes per vector ({memory}); "
+        f"{index.bytes_per_vector * len(ids) / 2**20:.1f} MiB in all")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ _PRODUCT_ID = flags.DEFINE_string("product_id", None, "Query product id (source/
                                    "when --source is not given).")
 _SOURCE = flags.DEFINE_string("source", None, "The index's source dataset, when it was "
                               "built for one (deepfashion, f200k, fashiongen).")
-_SPLIT = flags.DEFINE_string("split", "validation", "Products split to read views from.")
+_SPLIT = flags.DEFINE_string("split", "validation",
+                             "Products split to read views from.")
 _K = flags.DEFINE_integer("k", 10, "Results to show.")
 _OUT = flags.DEFINE_string("out", "search_results", "Where to write the page.")
 
@@ -86,6 +87,7 @@ def main(argv):
   q = encode_lib.embed_query(encode_lib.Encoder(graphdef, mesh), params, builder,
                              query_views, _TEXT.value, dcfg.buckets)
   index = search.load_index(_INDEX.value)
+  print(f"Index: {index.describe()}")
   ids, scores = index.search_ids(q[None], k=_K.value)
   print(f"Query: {source_id or _IMAGE_DIR.value} + {_TEXT.value!r}")
   for rank, (pid, score) in enumerate(zip(ids[0], scores[0]), start=1):

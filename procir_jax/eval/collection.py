@@ -149,6 +149,26 @@ class Collection:
     for n in range(self.num_shards):
       yield self._shard_ids(n), self._embeddings(n)
 
+  def iter_blocks(self, rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, float32 embeddings) in blocks of `rows` rows (the last may be shorter),
+    across shard boundaries: what an index built in parts of a chosen size reads,
+    holding one block in memory at a time."""
+    if rows < 1:
+      raise ValueError(f"Blocks of {rows} rows: give at least 1.")
+    ids, parts, held = [], [], 0
+    for shard_ids, emb in self.iter_shards():
+      start = 0
+      while start < len(shard_ids):
+        take = min(rows - held, len(shard_ids) - start)
+        ids += shard_ids[start:start + take]
+        parts.append(np.asarray(emb[start:start + take], np.float32))
+        held, start = held + take, start + take
+        if held == rows:
+          yield ids, np.concatenate(parts)
+          ids, parts, held = [], [], 0
+    if held:
+      yield ids, np.concatenate(parts)
+
   def load(self) -> np.ndarray:
     """Every embedding as one [len, dim] array in memory, in `ids` order."""
     out = np.empty((len(self), self.dim), self.dtype)

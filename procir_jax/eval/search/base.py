@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +21,17 @@ IDS_FILE = "ids.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_DIR = "scann"
 BACKENDS = ("exact", "scann")
+# Ids sampled to estimate their memory per vector.
+_ID_SAMPLE = 10_000
+
+
+def id_bytes_per_vector(ids: Sequence[str]) -> float:
+  """Mean memory of a product id: its Python string plus the list's pointer."""
+  if not ids:
+    return 0.0
+  step = max(1, len(ids) // _ID_SAMPLE)
+  sample = ids[::step]
+  return 8.0 + sum(sys.getsizeof(i) for i in sample) / len(sample)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -117,6 +129,28 @@ class SearchIndex(abc.ABC):
   def settings_dict(self) -> dict[str, Any]:
     return {}
 
+  def metadata_dict(self) -> dict[str, Any]:
+    """More top-level index.json entries (ScaNN: its tuning record)."""
+    return {}
+
+  @property
+  def tuned_recall(self) -> float | None:
+    """Recall@10 of exact search measured at build time (None: unknown)."""
+    return None
+
+  @abc.abstractmethod
+  def memory_per_vector(self) -> dict[str, float]:
+    """Estimated bytes of memory per gallery row, by part, once loaded."""
+
+  @property
+  def bytes_per_vector(self) -> float:
+    """Estimated bytes of memory per gallery row (see memory_per_vector)."""
+    return float(sum(self.memory_per_vector().values()))
+
+  def describe(self) -> str:
+    """One line on the index's kind, settings and measured recall."""
+    return self.backend
+
   def save(self, directory) -> str:
     """Writes the index to `directory` (created if needed); returns the path."""
     directory = os.fspath(directory)
@@ -127,7 +161,8 @@ class SearchIndex(abc.ABC):
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
                 backend=self.backend, dimension=self.dimension,
                 count=self.count, ids_file=IDS_FILE,
-                normalize=self.normalize, settings=self.settings_dict())
+                normalize=self.normalize, settings=self.settings_dict(),
+                **self.metadata_dict())
     # index.json last: its presence marks a complete index.
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
       json.dump(meta, f, indent=2)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from procir_jax.eval.search.base import (EMBEDDINGS_FILE, SearchIndex, _check_gallery,
-                                         _check_queries, _read_common)
+                                         _check_queries, _read_common,
+                                         id_bytes_per_vector)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "count"))
@@ -100,6 +101,22 @@ class ExactSearch(SearchIndex):
 
   def settings_dict(self):
     return dict(query_batch_size=self.query_batch_size)
+
+  @property
+  def tuned_recall(self) -> float:
+    return 1.0  # Exact search is the reference.
+
+  def memory_per_vector(self) -> dict[str, float]:
+    # The gallery twice: on the host (what `save` writes) and, padded, on
+    # the device JAX searches with (the same RAM when that is the CPU).
+    rows = self._gallery.shape[0] * self._gallery.shape[1]
+    return {"float32 rows": 4.0 * self.dimension,
+            "float32 rows on device": (4.0 * self.dimension * rows
+                                       / max(1, self.count)),
+            "id": id_bytes_per_vector(self.ids)}
+
+  def describe(self) -> str:
+    return "exact (JAX matmul + top-k): recall@10 of exact 1.0 by definition"
 
   def _save_arrays(self, directory):
     np.save(os.path.join(directory, EMBEDDINGS_FILE), self.embeddings)

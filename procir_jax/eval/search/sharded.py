@@ -1,0 +1,322 @@
+"""A catalogue split into shards, each its own index, searched together.
+
+Each shard is an `ExactSearch` or `ScannSearch` over a disjoint part of the
+catalogue with its own product ids (and, for ScaNN, its own tuning to the
+target recall). A query goes to every shard; the per-shard top k are merged by
+score, ties to the lower global row. Global rows number the shards' rows one
+shard after another, so `ids` is the concatenation of the shards' ids.
+
+On disk, a directory with one sub-directory per shard (an ordinary saved index)
+and an index.json manifest naming them by relative path:
+
+  index.json      format, backend "sharded", count, dimension, normalize,
+                  shards: [{path, count, backend}], tuning (the shards')
+  shard_00000/    a saved exact or ScaNN index
+  shard_00001/    ...
+
+Memory: a 10M x 1024 catalogue fits in 24 GB.
+
+- Served: a ScaNN shard with the default settings holds per row 1024 bytes of
+  int8 reorder data, 256 of 4-bit AH codes (512 two-dimension blocks), 8 of
+  tree bookkeeping, about 4 of tree centres (1000 leaves x 4 KB over 1M rows)
+  and a product id of about 70 bytes as a Python string: about 1.36 KB, so 10M
+  rows take 13.6 GB (12.7 GiB), leaving 10 GB.
+- Built: `build_sharded_index(..., directory=...)` saves each shard as soon as
+  it is built and frees it, so the peak is one shard's build. Measured on a
+  1M x 1024 shard (unit rows, so no normalised copy): 14.1-14.4 GiB peak resident
+  memory, about 15 KB per row: the rows (4 KB), ScaNN's copies of them while
+  it partitions and trains (about 8 KB) and the new index (1.4 KB), plus the
+  process itself (about 1 GB). normalize=True adds a normalised copy (4 KB a
+  row). So 500K-row shards peak near 10 GB, plus the ids seen so far (kept to
+  check that they are unique: about 0.1 KB a row, 1 GB at 10M).
+- Building without a directory keeps every finished shard in memory as well
+  (13.6 GB at 10M) next to the shard being built: at 10M that needs shards of
+  at most about 250K rows (5 GB peak) to stay within 24 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+import numpy as np
+
+from procir_jax.eval.search.base import (FORMAT, FORMAT_VERSION, INDEX_FILE,
+                                         SearchIndex, _check_queries,
+                                         _sort_results, read_metadata)
+from procir_jax.eval.search.exact import ExactSearch
+from procir_jax.eval.search.scann_index import ScannSearch
+
+SHARDED_BACKEND = "sharded"
+SHARD_BACKENDS = {"exact": ExactSearch, "scann": ScannSearch}
+
+
+def shard_dir_name(number: int) -> str:
+  return f"shard_{number:05d}"
+
+
+def _check_unique(ids: Iterable[str], seen: set, where: str) -> None:
+  for i in ids:
+    if i in seen:
+      raise ValueError(f"product id {i!r} of {where} is also in an earlier "
+                       "shard; ids must be unique across the whole catalogue")
+    seen.add(i)
+
+
+def _shard_record(index: SearchIndex) -> tuple:
+  """(rows, tuned recall, target, target met) of one shard."""
+  tuning = getattr(index, "tuning", None)  # Exact shards have none.
+  if tuning is None:
+    return index.count, index.tuned_recall, None, True
+  return index.count, index.tuned_recall, tuning.target, tuning.met
+
+
+def aggregate_tuning(records) -> dict[str, Any]:
+  """The shards' tuning in one record, from `_shard_record`s.
+
+  recall is the row-weighted mean of the shards' (None if any is unknown):
+  for a catalogue split at random, a query's global top 10 falls into the
+  shards in proportion to their rows, and each shard returns its part as it
+  returns its own top 10, so this estimates the merged index's recall.
+  """
+  recalls = [r for _, r, _, _ in records]
+  known = bool(records) and None not in recalls
+  total = sum(c for c, _, _, _ in records)
+  targets = {t for _, _, t, _ in records if t is not None}
+  met = [m for _, _, _, m in records]
+  return dict(
+      recall=(round(float(sum(c * r for c, r, _, _ in records) / total), 4)
+              if known else None),
+      min_recall=float(min(recalls)) if known else None,
+      target=targets.pop() if len(targets) == 1 else None,
+      met=None if None in met else all(met),
+      shard_recalls=recalls)
+
+
+class ShardedIndex(SearchIndex):
+  """Shards searched together as one index over the whole catalogue.
+
+  Args:
+    shards: the per-shard indices (`ExactSearch` or `ScannSearch`), with one
+      dimension and normalisation and, between them, unique ids.
+  """
+
+  backend = SHARDED_BACKEND
+
+  def __init__(self, shards: Sequence[SearchIndex]):
+    shards = list(shards)
+    if not shards:
+      raise ValueError("a sharded index needs at least one shard")
+    first = shards[0]
+    for number, shard in enumerate(shards):
+      if isinstance(shard, ShardedIndex):
+        raise ValueError(f"shard {number} is itself sharded; give its shards")
+      if (shard.dimension, shard.normalize) != (first.dimension,
+                                                first.normalize):
+        raise ValueError(
+            f"shard {number} is {shard.dimension}-d with normalize="
+            f"{shard.normalize}, shard 0 {first.dimension}-d with normalize="
+            f"{first.normalize}; build every shard the same way")
+    seen = set()
+    for number, shard in enumerate(shards):
+      _check_unique(shard.ids, seen, f"shard {number}")
+    del seen
+    super().__init__([i for shard in shards for i in shard.ids],
+                     first.dimension, first.normalize)
+    self.shards = shards
+    counts = [shard.count for shard in shards]
+    self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(
+        np.int64)
+
+  def search(self, queries, k: int = 10):
+    """See `SearchIndex.search`; indices are global rows (into `ids`)."""
+    queries = _check_queries(queries, self.dimension, self.normalize)
+    k = max(1, min(int(k), self.count))
+    if queries.shape[0] == 0:
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    all_indices, all_scores = [], []
+    for shard, offset in zip(self.shards, self.offsets):
+      indices, scores = shard.search(queries, min(k, shard.count))
+      all_indices.append(np.where(indices >= 0, indices + offset, -1))
+      all_scores.append(scores)
+    # Every shard's own top k holds every global top-k row it has.
+    indices, scores = _sort_results(np.concatenate(all_indices, axis=1),
+                                    np.concatenate(all_scores, axis=1))
+    return indices[:, :k], scores[:, :k]
+
+  @property
+  def tuned_recall(self) -> float | None:
+    """Row-weighted mean of the shards' tuned recall@10 (None: unknown)."""
+    return self.tuning_dict()["recall"]
+
+  def tuning_dict(self) -> dict[str, Any]:
+    """The shards' tuning, aggregated (see `aggregate_tuning`)."""
+    return aggregate_tuning([_shard_record(s) for s in self.shards])
+
+  def memory_per_vector(self) -> dict[str, float]:
+    total = {}
+    for shard in self.shards:
+      for part, size in shard.memory_per_vector().items():
+        total[part] = total.get(part, 0.0) + size * shard.count / self.count
+    return total
+
+  def describe(self) -> str:
+    kinds = sorted({s.backend for s in self.shards})
+    t = self.tuning_dict()
+    text = (f"sharded: {len(self.shards)} shards ({', '.join(kinds)}), "
+            f"{self.count} rows")
+    if t["recall"] is None:
+      return f"{text}; recall@10 of exact not measured for every shard"
+    text += (f"; recall@10 of exact {t['recall']:.4f} (row-weighted mean of "
+             f"the shards', lowest {t['min_recall']:.4f}")
+    if t["target"] is not None:
+      text += f", target {t['target']}"
+    text += ")"
+    if t["met"] is False:
+      text += ": TARGET MISSED in some shard, see the build warnings"
+    return text
+
+  def settings_dict(self):
+    return dict(shards=len(self.shards))
+
+  def _save_arrays(self, directory):
+    raise NotImplementedError("ShardedIndex.save writes its shards itself")
+
+  def save(self, directory) -> str:
+    """Writes each shard to a sub-directory, then the manifest."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    entries = []
+    for number, shard in enumerate(self.shards):
+      name = shard_dir_name(number)
+      shard.save(os.path.join(directory, name))
+      entries.append(dict(path=name, count=shard.count,
+                          backend=shard.backend))
+    write_manifest(directory, entries, self.dimension, self.normalize,
+                   self.tuning_dict())
+    return directory
+
+  @classmethod
+  def load(cls, directory, **overrides) -> "ShardedIndex":
+    """Opens a saved sharded index; `overrides` go to every shard's load."""
+    directory = os.fspath(directory)
+    meta = read_metadata(directory)
+    path = os.path.join(directory, INDEX_FILE)
+    if meta["backend"] != SHARDED_BACKEND:
+      raise ValueError(f"{directory} holds a {meta['backend']!r} index, not a "
+                       "sharded one; use load_index to open any index")
+    entries = meta.get("shards")
+    if not isinstance(entries, list) or not entries:
+      raise ValueError(f"{path} lists no shards; rebuild the index")
+    shards = []
+    for number, entry in enumerate(entries):
+      name = entry.get("path") if isinstance(entry, dict) else None
+      if (not isinstance(name, str) or os.path.isabs(name)
+          or os.path.normpath(name).startswith(os.pardir)):
+        raise ValueError(f"{path}: shard {number} has path {name!r}; shard "
+                         "paths must lie inside the index directory")
+      shard_path = os.path.join(directory, name)
+      if not os.path.isdir(shard_path):
+        raise FileNotFoundError(
+            f"shard {number} of the sharded index {directory} is missing: "
+            f"{shard_path} does not exist; copy the index directory whole, "
+            "or rebuild it")
+      try:
+        backend = read_metadata(shard_path)["backend"]
+        if backend not in SHARD_BACKENDS:
+          raise ValueError(f"its backend is {backend!r}; shards must be one "
+                           f"of {sorted(SHARD_BACKENDS)}")
+        shard = SHARD_BACKENDS[backend].load(shard_path, **overrides)
+      except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"shard {number} ({shard_path}) of the sharded index "
+                      f"{directory} cannot be loaded: {e}") from e
+      if shard.count != entry.get("count"):
+        raise ValueError(f"shard {number} ({shard_path}) holds {shard.count} "
+                         f"rows, {path} says {entry.get('count')}")
+      shards.append(shard)
+    index = cls(shards)
+    if index.count != meta["count"] or index.dimension != meta["dimension"]:
+      raise ValueError(f"{path} says {meta['count']} x {meta['dimension']}, "
+                       f"its shards hold {index.count} x {index.dimension}")
+    return index
+
+
+def write_manifest(directory: str, entries, dimension: int, normalize: bool,
+                   tuning: dict[str, Any]) -> None:
+  meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
+              backend=SHARDED_BACKEND, dimension=int(dimension),
+              count=int(sum(e["count"] for e in entries)),
+              normalize=bool(normalize), settings=dict(shards=len(entries)),
+              shards=list(entries), tuning=tuning)
+  # Written last: its presence marks a complete index.
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+def build_sharded_index(shards, backend: str = "scann", settings=None,
+                        normalize: bool = True, tuning_queries=None,
+                        directory=None, **kwargs) -> ShardedIndex:
+  """A sharded index, built one shard at a time.
+
+  Args:
+    shards: an iterable of (embeddings [N_i, D], ids) pairs, say a generator
+      reading one part of the catalogue at a time; ids may be None (then the
+      global row numbers "0", "1", ... are used). Ids must be unique across
+      shards.
+    backend: "scann" or "exact", for every shard.
+    settings: ScaNN settings for every shard (each is tuned on its own).
+    normalize: L2-normalise gallery and queries.
+    tuning_queries: queries every ScaNN shard is tuned on (None: each makes
+      its own from its rows).
+    directory: when given, each shard is saved there as soon as it is built
+      and freed, and the index returned is loaded back at the end, so only
+      one shard's build is ever in memory; when None, every shard stays in
+      memory.
+    **kwargs: more `ExactSearch` arguments.
+
+  Returns:
+    The `ShardedIndex` (already saved when `directory` was given).
+  """
+  from procir_jax.eval.search import build_index  # pylint: disable=g-import-not-at-top
+  built, entries, records, seen = [], [], [], set()
+  offset = 0
+  dimension = None
+  for number, (embeddings, ids) in enumerate(shards):
+    rows = len(embeddings)
+    if ids is None:
+      ids = [str(offset + i) for i in range(rows)]
+    ids = [str(i) for i in ids]
+    _check_unique(ids, seen, f"shard {number}")
+    try:
+      index = build_index(embeddings, ids, backend=backend, settings=settings,
+                          normalize=normalize, tuning_queries=tuning_queries,
+                          **kwargs)
+    except ValueError as e:
+      raise ValueError(f"shard {number} (catalogue rows {offset} to "
+                       f"{offset + rows - 1}): {e}") from e
+    if dimension is None:
+      dimension = index.dimension
+    elif index.dimension != dimension:
+      raise ValueError(f"shard {number} is {index.dimension}-d, shard 0 "
+                       f"{dimension}-d")
+    logging.info("shard %d: %d rows; %s", number, index.count,
+                 index.describe())
+    offset += rows
+    if directory is None:
+      built.append(index)
+      continue
+    name = shard_dir_name(number)
+    index.save(os.path.join(os.fspath(directory), name))
+    entries.append(dict(path=name, count=index.count, backend=index.backend))
+    records.append(_shard_record(index))
+    del index  # Frees the shard before the next one is built.
+  if not built and not entries:
+    raise ValueError("no shards were given: pass an iterable of (embeddings, "
+                     "ids) pairs")
+  if directory is None:
+    return ShardedIndex(built)
+  write_manifest(os.fspath(directory), entries, dimension, normalize,
+                 aggregate_tuning(records))
+  return ShardedIndex.load(directory)

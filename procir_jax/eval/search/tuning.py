@@ -1,0 +1,361 @@
+"""Choosing ScaNN's search-time settings to reach a target recall@10 of exact.
+
+An approximate index is only useful if it returns what exact search would, and
+how many leaves and reordered candidates that takes depends on the data: on
+well separated clusters a few percent of the leaves suffice, on overlapping
+ones (or for queries far from every gallery row) the same settings return 0.7
+of the exact top 10. So `ScannSearch` measures instead of guessing: it takes a
+held-out sample of queries, computes their exact top 10 by brute force, and
+searches for the cheapest settings whose recall@10 of exact reaches the target.
+
+Tuning queries are the caller's (`tuning_queries=`, say the evaluation's own
+queries) or made from the gallery: sampled rows plus isotropic Gaussian noise,
+all with one noise norm `s` (relative to the unit rows). Too little noise and
+every query sits on its own row, inside its own leaf: easy, and the tuned
+settings are too small for real queries, which land near, not on, their
+targets. Too much and the queries are random directions. So `s` is set from
+the data, such that a query's own row is usually, but not always, its nearest
+neighbour: on a pilot of `PILOT_ROWS` rows, the exact nearest row of noisy
+copies is found for each `s` on the grid `NOISE_GRID` (factors of 2) and at
+three more points where the share crosses `OWN_ROW_SHARE` (0.9), and `s` is
+interpolated (in log s) to that share; the exact pass over the tuning sample
+then records the share its queries really have. In 1024 dimensions isotropic noise
+barely moves a query's ranking until it is large (norm 4 to 6 on clustered
+synthetic data, cosine 0.2 to the own row), so these queries are hard, and
+the settings they give are conservative next to those tuned on real queries.
+
+Recall@10 of exact is the mean over queries of the share of the exact top 10
+that the index returns; a returned row whose exact score ties the 10th best
+(within float32 rounding) counts too, so duplicate gallery rows do not read as
+misses.
+
+The search, cheapest first: leaves are the dominant cost of a tree search, so
+with generous reordering the fewest leaves that reach the target are found
+(doubling from 1, then bisection to within a tenth), then the fewest reordered
+candidates at those leaves (bisection between k and the generous number, in
+log space, as each try costs about the same scan of the leaves, to within a
+quarter or k / 2: rescoring a few more candidates costs little). Each step
+searches the tuning sample with the built index, whose search-time settings
+change per call: nothing is rebuilt. A setting passes when its recall on the
+whole sample, less two standard errors of that mean, reaches the target:
+picking the cheapest setting that passes favours settings the sample happens
+to flatter, and the margin keeps the recall on fresh queries at the target (at
+1M x 1024, a setting tuned without it to 0.950 on 488 queries gave 0.942 on
+1000 others; with one standard error, 0.953 on 1000 tuning queries gave 0.949
+on 1000 others). A setting is first tried on a quarter of the sample and rejected
+there when it falls short of the target by more than two standard errors (at
+least 0.01); only settings that may pass are measured on the whole sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+# Recall is measured at this depth (the depth `recall.OVERLAP_K` reports).
+RECALL_K = 10
+# Share of gallery-derived tuning queries whose own row should stay the nearest
+# (the default of `ScannSettings.tuning_own_row_share`).
+OWN_ROW_SHARE = 0.9
+# Candidate noise norms (relative to the unit gallery rows), from 1/16 to 16.
+NOISE_GRID = tuple(2.0 ** e for e in range(-4, 5))
+PILOT_ROWS = 32
+# A setting passes when mean recall - MARGIN_SE standard errors >= target.
+MARGIN_SE = 2.0
+# Exact scores closer than this tie (float32 sums over ~1000 dims).
+TIE_TOLERANCE = 2e-6
+# Share of the tuning sample (at least QUICK_MIN queries) that first screens a
+# setting, and the least shortfall that rejects it there.
+QUICK_SHARE = 0.25
+QUICK_MIN = 100
+QUICK_MARGIN = 0.01
+# Gallery rows scored per block in the exact pass: [queries, block] floats.
+EXACT_BLOCK_ROWS = 16384
+
+
+def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int,
+                block_rows: int = EXACT_BLOCK_ROWS):
+  """Exact top-k by dot product, with numpy, a block of gallery rows at a time.
+
+  Once every query holds k rows, only rows beating its k-th best score are
+  merged, so the cost is the matrix product and one comparison per score.
+
+  Args:
+    gallery: float32 [N, D].
+    queries: float32 [Q, D].
+    k: neighbours per query (at most N).
+    block_rows: gallery rows per block; memory is about Q x block_rows floats.
+
+  Returns:
+    (indices int64 [Q, k], scores float32 [Q, k]) by descending score, ties by
+    ascending index.
+  """
+  n = gallery.shape[0]
+  k = min(int(k), n)
+  num = queries.shape[0]
+  best_scores = np.zeros((num, 0), np.float32)
+  best_indices = np.zeros((num, 0), np.int64)
+  for start in range(0, n, block_rows):
+    scores = queries @ gallery[start:start + block_rows].T
+    if best_scores.shape[1] < k:
+      # Until every query holds k rows, keep each block's own top k.
+      width = min(k, scores.shape[1])
+      part = np.argpartition(-scores, width - 1, axis=1)[:, :width]
+      cand_scores = np.take_along_axis(scores, part, axis=1)
+      cand_indices = part + start
+    else:
+      rows, cols = np.nonzero(scores > best_scores[:, -1:])
+      if rows.size == 0:
+        continue
+      # Candidates per query, padded to the largest count.
+      counts = np.bincount(rows, minlength=num)
+      width = int(counts.max())
+      slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts,
+                                              counts)
+      cand_scores = np.full((num, width), -np.inf, np.float32)
+      cand_indices = np.full((num, width), np.iinfo(np.int64).max, np.int64)
+      cand_scores[rows, slot] = scores[rows, cols]
+      cand_indices[rows, slot] = cols + start
+    merged_scores = np.concatenate([best_scores, cand_scores], axis=1)
+    merged_indices = np.concatenate([best_indices, cand_indices], axis=1)
+    # Sorted by (score desc, index asc), so ties keep the lower row and the
+    # last column is each query's k-th best.
+    order = np.lexsort((merged_indices, -merged_scores.astype(np.float64)),
+                       axis=1)[:, :k]
+    best_scores = np.take_along_axis(merged_scores, order, axis=1)
+    best_indices = np.take_along_axis(merged_indices, order, axis=1)
+  return best_indices, best_scores
+
+
+def recall_of_exact(found: np.ndarray, exact_indices: np.ndarray,
+                    exact_scores: np.ndarray, gallery: np.ndarray,
+                    queries: np.ndarray) -> np.ndarray:
+  """Each query's share of its exact top-k that `found` holds (ties count).
+
+  Args:
+    found: int [Q, >=k] rows an index returned (-1: empty slot).
+    exact_indices: int [Q, k] exact top-k.
+    exact_scores: float [Q, k] their scores, descending.
+    gallery: float32 [N, D], to score returned rows exactly.
+    queries: float32 [Q, D].
+
+  Returns:
+    float [Q]: recall@k of exact per query, in [0, 1]; its mean is the
+    index's.
+  """
+  k = exact_indices.shape[1]
+  found = np.asarray(found)[:, :k]
+  valid = found >= 0
+  in_exact = (found[:, :, None] == exact_indices[:, None, :]).any(axis=2)
+  rows = gallery[np.where(valid, found, 0)]
+  true_scores = np.einsum("qd,qkd->qk", queries, rows)
+  tie = true_scores >= exact_scores[:, -1:] - TIE_TOLERANCE
+  hits = (valid & (in_exact | tie)).sum(axis=1)
+  return np.minimum(hits, k) / k
+
+
+def noisy_rows(gallery: np.ndarray, rows: np.ndarray, scale: float,
+               rng: np.random.Generator) -> np.ndarray:
+  """Unit queries: gallery rows plus Gaussian noise of norm about `scale`."""
+  dim = gallery.shape[1]
+  noise = rng.standard_normal((len(rows), dim), dtype=np.float32)
+  queries = gallery[rows] + noise * np.float32(scale / np.sqrt(dim))
+  return queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
+                              1e-12)
+
+
+def _own_row_shares(gallery, rows, scales, rng) -> np.ndarray:
+  """For each noise norm, the share of noisy rows whose own row is nearest."""
+  queries = np.concatenate([noisy_rows(gallery, rows, s, rng) for s in scales])
+  own = np.tile(rows, len(scales))
+  own_scores = np.einsum("qd,qd->q", queries, gallery[own])
+  _, best = exact_top_k(gallery, queries, 1)
+  nearest = own_scores >= best[:, 0] - TIE_TOLERANCE
+  return nearest.reshape(len(scales), len(rows)).mean(axis=1)
+
+
+def calibrate_noise(gallery: np.ndarray, rows: np.ndarray,
+                    rng: np.random.Generator, share: float = OWN_ROW_SHARE):
+  """The noise norm that keeps the own row nearest for about `share`.
+
+  The grid brackets the norm, three more norms inside the bracket (factors of
+  2 ** 0.25) place it, and it is interpolated in log(norm) between the two
+  that straddle `share`.
+
+  Args:
+    gallery: float32 [N, D] unit rows.
+    rows: pilot rows (PILOT_ROWS of them).
+    rng: noise source.
+    share: the share of queries whose own row should stay the nearest.
+
+  Returns:
+    (scale, {noise norm: share of pilot queries whose own row was nearest}).
+  """
+  scales = list(NOISE_GRID)
+  shares = list(_own_row_shares(gallery, rows, scales, rng))
+  passing = [i for i, f in enumerate(shares) if f >= share]
+  if passing and passing[-1] + 1 < len(scales):
+    low = scales[passing[-1]]
+    inside = [low * 2.0 ** (e / 4) for e in (1, 2, 3)]
+    scales[passing[-1] + 1:passing[-1] + 1] = inside
+    shares[passing[-1] + 1:passing[-1] + 1] = _own_row_shares(
+        gallery, rows, inside, rng)
+  table = {f"{s:.4g}": round(float(f), 4) for s, f in zip(scales, shares)}
+  passing = [i for i, f in enumerate(shares) if f >= share]
+  if not passing:  # Even little noise moves the own row (duplicates).
+    return scales[0], table
+  i = passing[-1]  # More noise, fewer own rows: the largest passing.
+  if i + 1 == len(scales):
+    return scales[-1], table
+  # Between two norms, the share falls about linearly in log(norm).
+  fraction = (shares[i] - share) / max(shares[i] - shares[i + 1], 1e-9)
+  return float(scales[i] * (scales[i + 1] / scales[i]) ** fraction), table
+
+
+def smallest_passing(low: int, high: int, passes: Callable[[int], bool],
+                     tolerance: float = 0.1, high_passes: bool = False,
+                     step: int = 1):
+  """The smallest value in [low, high] that passes, for a monotone test.
+
+  Doubles from `low` until a value passes, then bisects between the last
+  failing and the first passing value until they are within `tolerance` of
+  the passing one (or `step`). With `high_passes` (known already), bisects
+  the whole range in log space instead: fewer tests when each costs about the
+  same whatever the value.
+
+  Returns:
+    (value, True), or (high, False) when even `high` fails.
+  """
+  failing, value = None, low
+  if high_passes:
+    if passes(low):
+      return low, True
+    failing, value = low, high
+  else:
+    while not passes(value):
+      if value >= high:
+        return high, False
+      failing, value = value, min(2 * value, high)
+    if failing is None:
+      return value, True
+  while value - failing > max(step, int(tolerance * value)):
+    middle = (int(round(np.sqrt(failing * value))) if high_passes
+              else (failing + value) // 2)
+    middle = min(max(middle, failing + 1), value - 1)
+    if passes(middle):
+      value = middle
+    else:
+      failing = middle
+  return value, True
+
+
+class RecallMeter:
+  """Measures recall@k of exact for search settings, screening on a subset.
+
+  Args:
+    search: (queries, leaves, reorder) -> found rows [Q, >=k].
+    queries: float32 [Q, D] tuning queries.
+    exact_indices: int [Q, k] their exact top k.
+    exact_scores: float [Q, k] its scores.
+    gallery: float32 [N, D].
+  """
+
+  def __init__(self, search, queries, exact_indices, exact_scores, gallery):
+    self._search = search
+    self._args = (exact_indices, exact_scores, gallery, queries)
+    self.queries = queries
+    self.quick = min(len(queries), max(QUICK_MIN,
+                                       int(QUICK_SHARE * len(queries))))
+    # (leaves, reorder) -> (mean recall, its standard error).
+    self.full: dict[tuple, tuple[float, float]] = {}
+    self.evaluations: list[list[Any]] = []
+
+  def _measure(self, leaves, reorder, num):
+    exact_indices, exact_scores, gallery, queries = self._args
+    found = self._search(queries[:num], leaves, reorder)
+    per_query = recall_of_exact(found, exact_indices[:num],
+                                exact_scores[:num], gallery, queries[:num])
+    self.evaluations.append([leaves, reorder, num,
+                             round(float(per_query.mean()), 4)])
+    return per_query
+
+  def recall(self, leaves, reorder) -> tuple[float, float]:
+    """(mean recall@k of exact over the whole sample, its standard error)."""
+    key = (leaves, reorder)
+    if key not in self.full:
+      per_query = self._measure(leaves, reorder, len(self.queries))
+      self.full[key] = (float(per_query.mean()), _standard_error(per_query))
+    return self.full[key]
+
+  def passes(self, leaves, reorder, target: float) -> bool:
+    """Whether recall over the whole sample, less MARGIN_SE standard errors,
+    reaches `target`."""
+    key = (leaves, reorder)
+    if key not in self.full and self.quick < len(self.queries):
+      per_query = self._measure(leaves, reorder, self.quick)
+      error = _standard_error(per_query)
+      if per_query.mean() < target - max(QUICK_MARGIN, 2 * error):
+        return False
+    mean, error = self.recall(leaves, reorder)
+    return mean - MARGIN_SE * error >= target
+
+
+def _standard_error(values: np.ndarray) -> float:
+  if len(values) < 2:
+    return 0.0
+  return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+@dataclasses.dataclass
+class Tuning:
+  """What tuning chose and measured; saved in index.json as "tuning".
+
+  Attributes:
+    target: recall@10 of exact aimed for (None: no tuning, fixed settings).
+    recall: recall@10 of exact the chosen settings reach on the tuning sample
+      (None when not measured).
+    recall_stderr: the standard error of that mean over the queries.
+    met: whether recall >= target.
+    num_queries: tuning queries used.
+    queries: how they were made: "gallery" (rows plus noise), "given" (the
+      caller's), or "none".
+    noise_scale: the noise norm of gallery-derived queries.
+    own_row_nearest: share of gallery-derived queries whose own row is their
+      exact nearest neighbour.
+    pilot_own_row_share: noise norm -> share of pilot queries whose own row
+      is their exact nearest.
+    leaves_to_search: chosen (tree modes).
+    reorder_num_neighbors: chosen.
+    evaluations: [leaves_to_search, reorder_num_neighbors, queries, recall]
+      measured, in order.
+    seconds: wall time of tuning (exact pass included).
+    exact_seconds: wall time of the exact top-10 pass.
+    note: why nothing was tuned, or the warning given when the target was
+      missed.
+  """
+
+  target: float | None = None
+  recall: float | None = None
+  recall_stderr: float | None = None
+  met: bool | None = None
+  num_queries: int = 0
+  queries: str = "none"
+  noise_scale: float | None = None
+  own_row_nearest: float | None = None
+  pilot_own_row_share: dict[str, float] | None = None
+  leaves_to_search: int | None = None
+  reorder_num_neighbors: int | None = None
+  evaluations: list[list[Any]] = dataclasses.field(default_factory=list)
+  seconds: float = 0.0
+  exact_seconds: float = 0.0
+  note: str = ""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data) -> "Tuning":
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(data or {}).items() if k in known})
