@@ -75,3 +75,18 @@ def tiny_model_dir(tmp_path_factory):
   from procir_jax import tiny_model
 
   return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny_model"), "tiny")
+
+
+# The files that take minutes, longest first. xdist hands whole files to its workers in
+# collection order (pyproject.toml turns off its own reordering by test count), so a
+# long file collected last would leave one worker running it alone at the end.
+_LONG_FILES_FIRST = ("test_train.py", "test_main.py", "test_multihost_failures.py",
+                     "test_tpu_compile.py", "test_batch_forward.py",
+                     "test_qwen3_5_parity.py", "test_tools.py",
+                     "test_embed_collection.py", "test_train_multihost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable

@@ -1,0 +1,86 @@
+"""The search benchmark runs on every cheap data path (speed is never asserted)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from bench import search as bench
+
+# Tiny: ScaNN picks brute force at this size unless told otherwise.
+SMALL = ["--num=2000", "--dim=32", "--queries=40", "--repeats=1", "--k=10"]
+ROW = re.compile(r"^(exact \(jax\)|scann|faiss_ivfpq|faiss_hnsw|hnswlib)\s+"
+                 r"(-|default|0\.95|0\.99|=scann)\s")
+
+
+def _table_rows(out):
+  """(backend, target, recall) of each table row of the printed output."""
+  head = out.index("backend ")
+  rows = []
+  for line in out[head:].splitlines()[2:]:
+    match = ROW.match(line)
+    if not match:
+      break
+    # The columns end: recall, queries/s, x exact, x peer ("-" where none).
+    rows.append((match.group(1), match.group(2), float(line.split()[-4])))
+  return rows
+
+
+def _check(out, backends):
+  rows = _table_rows(out)
+  assert {b for b, _, _ in rows} == set(backends), out
+  for backend, target, recall in rows:
+    assert 0.0 <= recall <= 1.0, (backend, target, recall)
+  assert ("exact (jax)", "-", 1.0) in rows
+  for target in ("default", "0.95", "0.99"):
+    assert any(b == "scann" and t == target for b, t, _ in rows), out
+  for peer in set(backends) & set(bench.PEERS):
+    assert {t for b, t, _ in rows if b == peer} == {"0.95", "0.99", "=scann"}
+
+
+def _procir_npz(path, rng):
+  """A small npz shaped as report.save_embeddings writes one."""
+  gallery = rng.standard_normal((300, 32)).astype(np.float32)
+  targets = rng.choice(300, 30, replace=False)
+  q = gallery[targets] + 0.3 * rng.standard_normal((30, 32)).astype(np.float32)
+  np.savez(path, gallery=gallery, q=q,
+           gallery_ids=np.array([f"p{i}" for i in range(300)]),
+           target_ids=np.array([f"p{i}" for i in targets]))
+  return str(path)
+
+
+def test_every_distribution_runs(tmp_path, capsys):
+  """Exact and ScaNN on each data path; ScaNN's tree sweep once; JSON out."""
+  rng = np.random.default_rng(0)
+  npz = [_procir_npz(tmp_path / f"d{i}.npz", rng) for i in range(2)]
+  runs = {
+      "clusters": ["--data=clusters"],
+      # Forces a small tree, so the leaves x reorder sweep runs.
+      "overlap": ["--data=overlap", "--scann=mode=tree_ah",
+                  "--scann=num_leaves=8", "--scann=min_partition_size=10"],
+      "procir": ["--data=procir", "--embeddings", *npz],
+  }
+  for name, flags in runs.items():
+    out_json = tmp_path / f"{name}.json"
+    bench.main([*SMALL, *flags, "--peers=", f"--json={out_json}"])
+    out = capsys.readouterr().out
+    _check(out, {"exact (jax)", "scann"})
+    saved = json.loads(out_json.read_text())
+    assert len(saved["rows"]) == len(_table_rows(out))
+    if name == "procir":
+      # 600 rows, 60 queries from two files: flagged as a small sample; the
+      # files name each query's target, and exact search finds it.
+      assert "note: small sample" in out
+      assert saved["num"] == 600 and saved["queries"] == 40
+      assert saved["exact_hit"] == pytest.approx(1.0)
+    if name == "overlap":
+      assert len(saved["sweeps"]["scann"]) > 1
+
+
+def test_peers_run(capsys):
+  """Each peer gets rows at 0.95, 0.99 and ScaNN's recall."""
+  pytest.importorskip("faiss")
+  pytest.importorskip("hnswlib")
+  bench.main([*SMALL, "--data=clusters", "--peers=" + ",".join(bench.PEERS)])
+  _check(capsys.readouterr().out, {"exact (jax)", "scann", *bench.PEERS})
