@@ -103,7 +103,6 @@ import argparse
 import gc
 import glob
 import importlib
-import inspect
 import json
 import math
 import os
@@ -123,7 +122,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import timed  # noqa: E402
-from procir_jax.eval import search  # noqa: E402
+from procir_jax.eval import recall, search  # noqa: E402
 
 TARGETS = (0.95, 0.99)
 PEERS = ("faiss_ivfpq", "faiss_hnsw", "hnswlib")
@@ -221,14 +220,6 @@ def cpu_name():
   return platform.processor() or platform.machine()
 
 
-def recall_at(found, truth, k):
-  """Mean share of each row of `truth[:, :k]` that `found[:, :k]` holds."""
-  found = np.asarray(found, np.int64)[:, :k]
-  truth = np.asarray(truth, np.int64)[:, :k]
-  same = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
-  return float(same.any(axis=1).sum(axis=1).mean() / k)
-
-
 def hit(indices, origin, k):
   """Share of queries with a known target whose target is in the top k."""
   known = origin >= 0
@@ -302,30 +293,22 @@ class Scann(Backend):
     self.build_s = time.perf_counter() - t0
     self.count = len(gallery)
     s = self.index.settings
-    params = inspect.signature(self.index.search).parameters
-    self.mode = getattr(s, "mode", "")
-    # Knobs the search method takes (the package may add or drop some).
-    self.knobs = {name: kwarg for name, kwarg in
-                  (("leaves", "leaves_to_search"),
-                   ("reorder", "reorder_num_neighbors")) if kwarg in params}
-    self.num_leaves = getattr(s, "num_leaves", 0)
-    self.default = {"leaves": getattr(s, "leaves_to_search", 0),
-                    "reorder": getattr(s, "reorder_num_neighbors", 0)}
+    self.mode, self.num_leaves = s.mode, s.num_leaves
+    self.default = {"leaves": s.leaves_to_search, "reorder": s.reorder_num_neighbors}
 
   def describe(self):
     s = self.index.settings
     fields = ("mode", "num_leaves", "leaves_to_search", "spherical",
               "dims_per_block", "hash_type", "reorder_num_neighbors",
               "reorder_dtype", "target_recall")
-    parts = [f"{f}={getattr(s, f)}" for f in fields if hasattr(s, f)]
+    parts = [f"{f}={getattr(s, f)}" for f in fields]
     tuned = self.tuned_recall()
     if tuned is not None:
       parts.append(f"tuned_recall={tuned:.4f}")
     return " ".join(parts) + f" threads={self.index.threads}"
 
   def tuned_recall(self):
-    value = getattr(self.index, "tuned_recall", None)
-    return float(value) if isinstance(value, (int, float)) else None
+    return self.index.tuned_recall
 
   def default_setting(self):
     if self.mode == "brute_force":
@@ -335,34 +318,25 @@ class Scann(Backend):
     return _setting(knobs)
 
   def search(self, queries, k, **knobs):
-    kwargs = {self.knobs[n]: v for n, v in knobs.items() if n in self.knobs}
+    names = {"leaves": "leaves_to_search", "reorder": "reorder_num_neighbors"}
+    kwargs = {names[n]: v for n, v in knobs.items()}
     return self.index.search(queries, k, **kwargs)[0]
 
   def ladders(self, k):
-    if self.mode == "brute_force" or "reorder" not in self.knobs:
+    if self.mode == "brute_force":
       return [[{}]]
     reorders = sorted({k * f for f in CANDIDATE_FACTORS} |
                       {self.default["reorder"]} - {0})
-    if self.mode != "tree_ah" or "leaves" not in self.knobs:
+    if self.mode != "tree_ah":
       return [[{"reorder": r} for r in reorders]]
     leaves = geometric(1, self.num_leaves)
     return [[{"leaves": n, "reorder": r} for n in leaves] for r in reorders]
 
   def bytes_per_vector(self):
     # The index's own figure, less the product ids (Python strings) that the
-    # peers do not hold; else the size of ScaNN's serialized assets.
-    parts = getattr(self.index, "memory_per_vector", None)
-    if callable(parts):
-      parts = parts()
-      if isinstance(parts, dict) and parts:
-        return float(sum(v for name, v in parts.items() if name != "id"))
-    value = getattr(self.index, "bytes_per_vector", None)
-    value = value() if callable(value) else value
-    if isinstance(value, (int, float)) and value > 0:
-      return float(value)
-    with tempfile.TemporaryDirectory() as tmp:
-      self.index.save(tmp)
-      return _file_bytes(os.path.join(tmp, search.SCANN_DIR)) / self.count
+    # peers do not hold.
+    return float(sum(v for name, v in self.index.memory_per_vector().items()
+                     if name != "id"))
 
   def close(self):
     self.index = None
@@ -536,7 +510,7 @@ def sweep(backend, queries, truth, k, stop_at, log):
       start = time.perf_counter()
       found = backend.search(queries, k, **knobs)
       seconds = time.perf_counter() - start
-      rec = recall_at(found, truth, k)
+      rec = recall.mean_overlap(np.asarray(found), truth, k)
       recalls.append(rec)
       points.append(dict(ladder=number, knobs=knobs, recall=rec,
                          qps=len(queries) / seconds))
@@ -562,7 +536,7 @@ def choose(points, target):
 def measure(backend, queries, truth, k, knobs, repeats):
   seconds, found = timed(lambda: backend.search(queries, k, **knobs),
                          iters=repeats)
-  return recall_at(found, truth, k), len(queries) / seconds
+  return recall.mean_overlap(np.asarray(found), truth, k), len(queries) / seconds
 
 
 def settle(backend, queries, truth, k, points, target, repeats):

@@ -158,19 +158,25 @@ class SearchIndex(abc.ABC):
     self._save_arrays(directory)
     with open(os.path.join(directory, IDS_FILE), "w") as f:
       json.dump(self.ids, f)
-    meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
-                backend=self.backend, dimension=self.dimension,
-                count=self.count, ids_file=IDS_FILE,
-                normalize=self.normalize, settings=self.settings_dict(),
-                **self.metadata_dict())
-    # index.json last: its presence marks a complete index.
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    write_metadata(directory, backend=self.backend, dimension=self.dimension,
+                   count=self.count, normalize=self.normalize,
+                   settings=self.settings_dict(), ids_file=IDS_FILE,
+                   **self.metadata_dict())
     return directory
 
   @abc.abstractmethod
   def _save_arrays(self, directory: str) -> None:
     ...
+
+
+def write_metadata(directory: str, *, backend: str, dimension: int, count: int,
+                   normalize: bool, settings: dict[str, Any], **extra) -> None:
+  """Writes index.json; last, as its presence marks a complete index."""
+  meta = dict(format=FORMAT, format_version=FORMAT_VERSION, backend=backend,
+              dimension=int(dimension), count=int(count), normalize=bool(normalize),
+              settings=settings, **extra)
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
 
 
 

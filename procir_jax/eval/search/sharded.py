@@ -36,16 +36,15 @@ Memory: a 10M x 1024 catalogue fits in 24 GB.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Sequence
 
 from absl import logging
 import numpy as np
 
-from procir_jax.eval.search.base import (FORMAT, FORMAT_VERSION, INDEX_FILE,
-                                         SearchIndex, _check_queries,
-                                         _sort_results, read_metadata)
+from procir_jax.eval.search.base import (INDEX_FILE, SearchIndex, _check_queries,
+                                         _sort_results, read_metadata,
+                                         write_metadata)
 from procir_jax.eval.search.exact import ExactSearch
 from procir_jax.eval.search.scann_index import ScannSearch
 
@@ -182,20 +181,17 @@ class ShardedIndex(SearchIndex):
     return dict(shards=len(self.shards))
 
   def _save_arrays(self, directory):
-    raise NotImplementedError("ShardedIndex.save writes its shards itself")
+    for number, shard in enumerate(self.shards):
+      shard.save(os.path.join(directory, shard_dir_name(number)))
 
   def save(self, directory) -> str:
-    """Writes each shard to a sub-directory, then the manifest."""
+    """Writes each shard to a sub-directory, then the manifest (the shards hold
+    the ids: no ids file of its own)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    entries = []
-    for number, shard in enumerate(self.shards):
-      name = shard_dir_name(number)
-      shard.save(os.path.join(directory, name))
-      entries.append(dict(path=name, count=shard.count,
-                          backend=shard.backend))
-    write_manifest(directory, entries, self.dimension, self.normalize,
-                   self.tuning_dict())
+    self._save_arrays(directory)
+    write_manifest(directory, [_shard_entry(n, s) for n, s in enumerate(self.shards)],
+                   self.dimension, self.normalize, self.tuning_dict())
     return directory
 
   @classmethod
@@ -243,16 +239,17 @@ class ShardedIndex(SearchIndex):
     return index
 
 
+def _shard_entry(number: int, shard: SearchIndex) -> dict[str, Any]:
+  """A shard's line in the manifest."""
+  return dict(path=shard_dir_name(number), count=shard.count, backend=shard.backend)
+
+
 def write_manifest(directory: str, entries, dimension: int, normalize: bool,
                    tuning: dict[str, Any]) -> None:
-  meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
-              backend=SHARDED_BACKEND, dimension=int(dimension),
-              count=int(sum(e["count"] for e in entries)),
-              normalize=bool(normalize), settings=dict(shards=len(entries)),
-              shards=list(entries), tuning=tuning)
-  # Written last: its presence marks a complete index.
-  with open(os.path.join(directory, INDEX_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+  write_metadata(directory, backend=SHARDED_BACKEND, dimension=dimension,
+                 count=sum(e["count"] for e in entries), normalize=normalize,
+                 settings=dict(shards=len(entries)), shards=list(entries),
+                 tuning=tuning)
 
 
 def build_sharded_index(shards, backend: str = "scann", settings=None,
@@ -307,9 +304,8 @@ def build_sharded_index(shards, backend: str = "scann", settings=None,
     if directory is None:
       built.append(index)
       continue
-    name = shard_dir_name(number)
-    index.save(os.path.join(os.fspath(directory), name))
-    entries.append(dict(path=name, count=index.count, backend=index.backend))
+    index.save(os.path.join(os.fspath(directory), shard_dir_name(number)))
+    entries.append(_shard_entry(number, index))
     records.append(_shard_record(index))
     del index  # Frees the shard before the next one is built.
   if not built and not entries:

@@ -79,6 +79,10 @@ def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int,
                 block_rows: int = EXACT_BLOCK_ROWS):
   """Exact top-k by dot product, with numpy, a block of gallery rows at a time.
 
+  Not `ExactSearch`: that keeps a padded copy of the gallery and a device copy of it,
+  two more gallery-sized arrays while ScaNN's build holds its own, where the peak
+  build memory is what bounds a shard's size (sharded.py).
+
   Once every query holds k rows, only rows beating its k-th best score are
   merged, so the cost is the matrix product and one comparison per score.
 
