@@ -115,12 +115,14 @@ class _Run:
                      f"{self.output(i)[-4000:]}" for i, p in enumerate(self.procs))
 
 
-def _stop_process_at(run_holder, step, sig):
-  """on_line: sends `sig` to process 1 once it has logged `step`."""
+def _stop_process_at(run_holder, step, sig, ready=lambda: True):
+  """on_line: sends `sig` to process 1 at the first step it logs from `step` on at
+  which `ready()` holds."""
   sent = {}
 
   def on_line(i, line):
-    if i == 1 and not sent and re.search(rf"\bstep {step}/\d+ \|", line):
+    logged = re.search(r"\bstep (\d+)/\d+ \|", line)
+    if (i == 1 and not sent and logged and int(logged[1]) >= step and ready()):
       sent["at"] = time.monotonic()
       os.kill(run_holder[0].procs[1].pid, sig)
   return on_line, sent
@@ -133,6 +135,12 @@ def _checkpoints(workdir) -> list[int]:
     return sorted(checkpointer.all_steps())
   finally:
     checkpointer.close()
+
+
+def _step_dirs(workdir) -> list[int]:
+  """Steps whose checkpoint directory is in place (the save has been committed)."""
+  root = pathlib.Path(workdir) / "checkpoints" / "sft"
+  return [int(p.name) for p in root.glob("*") if p.name.isdigit()]
 
 
 def _complete(workdir, step) -> list[str]:
@@ -180,7 +188,13 @@ def test_preemption_then_a_dead_process(tmp_path, fashionmv_data_dir):
   config = {"train.checkpoint_every": 2,
             "distributed.heartbeat_timeout_s": _HEARTBEAT_S}
   holder = []
-  on_line, sent = _stop_process_at(holder, preempted + 3, signal.SIGKILL)
+  # Saves are asynchronous: on a busy machine the checkpoint of step preempted + 2
+  # may still be in flight at step preempted + 3, so the kill waits for a complete
+  # newer checkpoint, which must then survive it.
+  on_line, sent = _stop_process_at(
+      holder, preempted + 3, signal.SIGKILL,
+      ready=lambda: any(s > preempted and not _complete(workdir, s)
+                        for s in _step_dirs(workdir)))
   holder.append(_Run(workdir, fashionmv_data_dir, model_dir, steps=steps,
                      on_line=on_line, **config))
   run = holder[0]
