@@ -78,7 +78,7 @@ def test_settings_follow_gallery_size_and_overrides():
   assert s.resolve(5_000, 64).mode == "brute_force"
   assert s.resolve(50_000, 64).mode == "ah"
   large = s.resolve(1_000_000, 1024)
-  assert large.mode == "tree_ah" and large.num_leaves == 1000
+  assert large.mode == "tree_ah" and large.num_leaves == 2000
   assert 1 <= large.leaves_to_search < large.num_leaves
   custom = search.ScannSettings.from_config(
       {"mode": "tree_ah", "num_leaves": 7, "leaves_to_search": 3})
@@ -87,6 +87,19 @@ def test_settings_follow_gallery_size_and_overrides():
     search.ScannSettings.from_config({"leaves": 3})
   with pytest.raises(ValueError, match="mode"):
     search.ScannSettings(mode="fast")
+
+
+def test_rescoring_precision_follows_the_target():
+  """int8 rescoring caps recall near 0.98, so higher targets get bfloat16."""
+  def dtype(**settings):
+    return search.ScannSettings(**settings).resolve(200_000, 64).reorder_dtype
+  assert dtype() == "int8"  # The default target, 0.95.
+  assert dtype(target_recall=None) == "int8"
+  assert dtype(target_recall=0.96) == "int8"
+  assert dtype(target_recall=0.99) == "bfloat16"
+  assert dtype(target_recall=0.99, reorder_dtype="int8") == "int8"  # Kept.
+  with pytest.raises(ValueError, match="reorder_dtype must be auto"):
+    search.ScannSettings(reorder_dtype="float16")
 
 
 @pytest.mark.parametrize("settings", [
@@ -128,6 +141,13 @@ def test_saved_index_moves_and_answers_the_same(tmp_path, backend):
   meta = json.loads((tmp_path / "elsewhere" / "index.json").read_text())
   assert meta["backend"] == backend and meta["count"] == 600
   assert meta["dimension"] == 16
+  if backend == "scann":
+    # A build-time setting that older indexes record and that no longer exists
+    # does not stop them loading.
+    meta["settings"]["tuning_own_row_share"] = 0.9
+    (tmp_path / "elsewhere" / "index.json").write_text(json.dumps(meta))
+    assert search.load_index(tmp_path / "elsewhere").search_ids(
+        queries, k=7)[0] == before[0]
   # Nothing in the directory names where it was written.
   for root, _, files in os.walk(tmp_path / "elsewhere"):
     for name in files:
@@ -201,6 +221,15 @@ def test_exact_top_k_matches_a_full_sort_whatever_the_blocks():
     np.testing.assert_array_equal(indices, expected[0])
     np.testing.assert_allclose(scores, expected[1], atol=1e-6)
   assert tuning.exact_top_k(gallery[:4], queries, 10)[0].shape == (31, 4)
+  # Blocks of uneven sizes (some under k), stored in float16, as a collection
+  # on disk is read: the same ranking as the float32 rows of the same values.
+  half = gallery.astype(np.float16)
+  cuts = [0, 3, 4, 900, 1700, 2003]
+  indices, scores = tuning.exact_top_k_blocks(
+      (half[a:b] for a, b in zip(cuts, cuts[1:])), queries, 10)
+  expected = _reference(queries, half.astype(np.float32), 10)
+  np.testing.assert_array_equal(indices, expected[0])
+  np.testing.assert_allclose(scores, expected[1], atol=1e-6)
 
 
 def test_recall_counts_tied_rows_and_not_empty_slots():
@@ -226,8 +255,11 @@ def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
   t = index.tuning
   assert t.met and t.target == 0.95 and index.tuned_recall >= 0.95
   assert t.queries == "gallery" and t.num_queries == 1000
-  # Noise such that the own row is usually, not always, the nearest.
-  assert 0.6 <= t.own_row_nearest < 1.0 and t.noise_scale > 0
+  # Noise such that a query keeps about half of its row's top 10.
+  assert 0.35 <= t.neighbours_kept <= 0.65 and t.noise_scale > 0
+  pilot = sorted((float(norm), kept) for norm, kept in
+                 t.pilot_neighbours_kept.items())
+  assert pilot[0][1] > 0.5 > pilot[-1][1]  # The grid brackets the share.
   s = index.settings
   assert (s.leaves_to_search, s.reorder_num_neighbors) == (
       t.leaves_to_search, t.reorder_num_neighbors)

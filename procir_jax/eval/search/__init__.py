@@ -10,7 +10,7 @@ product with each query":
 - `ScannSearch`: ScaNN through `scann_ops_pybind` (no TensorFlow ops),
   configured from the gallery size by `ScannSettings`: brute force for small
   galleries, asymmetric hashing (AH) with int8 reordering for medium ones, and
-  tree partitioning (about sqrt(n) leaves) + AH + reordering for large ones.
+  tree partitioning (about 2 sqrt(n) leaves) + AH + reordering for large ones.
   The leaves searched and candidates reordered are tuned at build time to
   reach a target recall@10 of exact search (0.95 by default) on held-out
   queries (`tuning`); `index.tuned_recall` is what was reached.

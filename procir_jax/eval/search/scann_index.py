@@ -8,7 +8,7 @@ sample (see `tuning`).
 Memory per vector (d = 1024, the defaults: 4-bit AH codes over 2-dim blocks,
 int8 reordering): 1024 bytes of int8 reorder data, 256 of AH codes, 8 of tree
 bookkeeping (each row's leaf, and its slot in the leaf's member list), about 4
-of tree centres (4 d bytes per leaf, sqrt(n) leaves), and the product id as a
+of tree centres (4 d bytes per leaf, 2 sqrt(n) leaves), and the product id as a
 Python string (about 60-70 bytes): about 1.36 KB, against 4 KB for float32
 rows. `bytes_per_vector` computes it for an index; measured process memory of
 a loaded 100K-row index agrees within 5% (1.43 KB measured).
@@ -37,9 +37,25 @@ SCANN_MODES = ("auto", "brute_force", "ah", "tree_ah")
 SEARCH_TIME_SETTINGS = ("leaves_to_search", "reorder_num_neighbors",
                         "num_threads", "search_batch_size")
 REORDER_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
-# Gallery-derived tuning queries when `tuning_sample_size` is 0: 1000, fewer
-# for big galleries so that their exact top-10 pass (2 x queries x rows x dim
-# flops) stays near 1e12 flops, about 10 s on two cores; at least 400, which
+# The highest target recall@10 that reorder_dtype="auto" rescores in int8: int8
+# caps recall near 0.98-0.99 (see ScannSettings.reorder_dtype), and tuning
+# needs room above the target for its margin of two standard errors.
+INT8_MAX_TARGET = 0.96
+# Tree leaves per sqrt(n) rows. Smaller leaves split fewer neighbourhoods between
+# leaves: at 1M x 1024 well separated clusters (bench/search.py's `clusters`),
+# 1000 leaves searched 1 at a time capped recall@10 near 0.98 even with bfloat16
+# rescoring (rows of a query's cluster sat in a second leaf, ranked far down),
+# and 88 leaves were needed for 0.99 (1,059 queries/s on 2 cores); 2000 leaves
+# reached 0.99 at 1 leaf and 0.992 at 2 (8,591 queries/s), for 20% more build
+# time. SOAR spilling (soar_lambda=1.5) at 1000 leaves did not help there.
+LEAVES_PER_SQRT_N = 2.0
+# Settings that indexes of earlier versions may record and that no longer exist:
+# all chose how the index was tuned, so loading ignores them.
+RETIRED_SETTINGS = ("tuning_own_row_share",)
+# Tuning queries when `tuning_sample_size` is 0: 1000, fewer for big galleries
+# so that their exact top-10 pass (2 x queries x rows x dim flops) stays near
+# 1e12 flops, about 10 s on two cores (twice that for gallery-derived queries,
+# whose rows' own top 10 is found in the same pass); at least 400, which
 # estimate recall@10 to about +-0.01.
 AUTO_TUNING_QUERIES = 1000
 MIN_AUTO_TUNING_QUERIES = 400
@@ -59,7 +75,7 @@ class ScannSettings:
       hashing + reordering) or "tree_ah" (partitioning + AH + reordering).
     brute_force_below: auto uses brute force for fewer gallery rows.
     tree_from: auto partitions galleries of at least this many rows.
-    num_leaves: tree leaves; 0 gives round(sqrt(n)).
+    num_leaves: tree leaves; 0 gives round(LEAVES_PER_SQRT_N * sqrt(n)).
     leaves_to_search: leaves scored per query; 0 tunes it for target_recall
       (or, without a target, gives ceil(leaves_to_search_fraction *
       num_leaves)); a value given is kept as it is.
@@ -80,22 +96,24 @@ class ScannSettings:
       target_recall (without a target: 250); a value given is kept. At search
       time at least k are rescored.
     reorder_dtype: "int8", "bfloat16" or "float32" copy of the gallery used
-      for rescoring: 1, 2 or 4 bytes per dimension. int8 (per-dimension
-      scales) is the default: on 100K x 1024 strongly overlapping clusters,
-      hashing every row and rescoring 1000 candidates gave recall@10 0.989 of
-      exact with int8 (bfloat16 0.998, float32 1.0), so targets up to about
-      0.98 are reached by tuning; higher targets need bfloat16 or float32.
-      Returned scores carry its error (up to about 1e-3 for int8, 2e-4 for
-      bfloat16).
+      for rescoring (1, 2 or 4 bytes per dimension), or "auto": int8 for
+      targets up to `INT8_MAX_TARGET` (and without a target), bfloat16 above.
+      int8 (per-dimension scales) caps what rescoring can reach: rescoring
+      every candidate the index needs gave recall@10 of exact 0.986 with
+      int8 and 0.997 with bfloat16 at 100K x 1024 well separated clusters
+      (0.989 and 0.998 on strongly overlapping ones; 0.981 with int8 at 1M),
+      as neighbours' scores there differ by less than int8's error. Returned
+      scores carry that error (up to about 1e-3 for int8, 2e-4 for bfloat16).
     target_recall: recall@10 of exact search to reach on the tuning sample
       (see `tuning`); None or 0 tunes nothing and uses the fixed values
       above.
     tuning_sample_size: most tuning queries; 0: 1000, fewer (at least 400)
       for big galleries, so the exact pass stays near 1e12 flops.
     max_reorder_num_neighbors: the most candidates tuning may reorder.
-    tuning_own_row_share: gallery-derived tuning queries get the noise that
-      keeps their own row the nearest for this share of them (see `tuning`);
-      higher means less noise: easier queries, smaller settings.
+    tuning_neighbours_kept: gallery-derived tuning queries get the noise at
+      which they keep this share of their row's exact top 10 in their own
+      (see `tuning`); higher means less noise: easier queries, smaller
+      settings.
     tuning_seed: seeds the tuning sample and its noise.
     soar_lambda: SOAR spilling strength for trees (None: off).
     num_neighbors: default k recorded in the ScaNN config.
@@ -118,7 +136,7 @@ class ScannSettings:
   anisotropic_quantization_threshold: float | None = 0.2
   hash_type: str = "lut16"
   reorder_num_neighbors: int = 0
-  reorder_dtype: str = "int8"
+  reorder_dtype: str = "auto"
   soar_lambda: float | None = None
   num_neighbors: int = 10
   num_threads: int = 0
@@ -127,7 +145,7 @@ class ScannSettings:
   target_recall: float | None = 0.95
   tuning_sample_size: int = 0
   max_reorder_num_neighbors: int = 1000
-  tuning_own_row_share: float = tuning_lib.OWN_ROW_SHARE
+  tuning_neighbours_kept: float = tuning_lib.NEIGHBOURS_KEPT
   tuning_seed: int = 0
 
   def __post_init__(self):
@@ -137,15 +155,15 @@ class ScannSettings:
     if self.hash_type not in ("lut16", "lut256"):
       raise ValueError("ScannSettings.hash_type must be 'lut16' or 'lut256', "
                        f"got {self.hash_type!r}")
-    if self.reorder_dtype not in ("float32", "bfloat16", "int8"):
-      raise ValueError("ScannSettings.reorder_dtype must be float32, bfloat16 "
-                       f"or int8, got {self.reorder_dtype!r}")
+    if self.reorder_dtype not in ("auto", *REORDER_BYTES):
+      raise ValueError("ScannSettings.reorder_dtype must be auto, float32, "
+                       f"bfloat16 or int8, got {self.reorder_dtype!r}")
     if self.target_recall is not None and not 0 <= self.target_recall <= 1:
       raise ValueError("ScannSettings.target_recall must be in (0, 1] (None or "
                        f"0: no tuning), got {self.target_recall!r}")
-    if not 0 < self.tuning_own_row_share <= 1:
-      raise ValueError("ScannSettings.tuning_own_row_share must be in (0, 1], "
-                       f"got {self.tuning_own_row_share!r}")
+    if not 0 < self.tuning_neighbours_kept <= 1:
+      raise ValueError("ScannSettings.tuning_neighbours_kept must be in (0, 1], "
+                       f"got {self.tuning_neighbours_kept!r}")
     if self.tuning_sample_size < 0 or self.max_reorder_num_neighbors < 1:
       raise ValueError("ScannSettings.tuning_sample_size must be >= 0 and "
                        "max_reorder_num_neighbors >= 1")
@@ -181,11 +199,16 @@ class ScannSettings:
         mode = "ah"
       else:
         mode = "tree_ah"
-    num_leaves = self.num_leaves or max(1, round(math.sqrt(num)))
+    num_leaves = self.num_leaves or max(
+        1, round(LEAVES_PER_SQRT_N * math.sqrt(num)))
     leaves = self.leaves_to_search or max(
         1, math.ceil(self.leaves_to_search_fraction * num_leaves))
+    dtype = self.reorder_dtype
+    if dtype == "auto":
+      dtype = ("bfloat16" if (self.target_recall or 0) > INT8_MAX_TARGET
+               else "int8")
     return dataclasses.replace(
-        self, mode=mode, num_leaves=num_leaves,
+        self, mode=mode, num_leaves=num_leaves, reorder_dtype=dtype,
         leaves_to_search=min(leaves, num_leaves),
         training_sample_size=self.training_sample_size or min(num, 250_000),
         reorder_num_neighbors=self.reorder_num_neighbors or 250)
@@ -328,19 +351,24 @@ class ScannSearch(SearchIndex):
       result.queries = "given"
     else:
       rows = rng.choice(n, num, replace=False)
-      result.noise_scale, result.pilot_own_row_share = (
+      result.noise_scale, result.pilot_neighbours_kept = (
           tuning_lib.calibrate_noise(gallery, rows[:tuning_lib.PILOT_ROWS],
-                                     rng, s.tuning_own_row_share))
+                                     rng, s.tuning_neighbours_kept))
       queries = tuning_lib.noisy_rows(gallery, rows, result.noise_scale, rng)
       result.queries = "gallery"
     result.num_queries = int(queries.shape[0])
     exact_start = time.perf_counter()
-    exact_indices, exact_scores = tuning_lib.exact_top_k(gallery, queries, k)
+    if rows is None:
+      exact_indices, exact_scores = tuning_lib.exact_top_k(gallery, queries, k)
+    else:
+      # With the rows' own top k, in the same pass over the gallery, to record
+      # how much of it the queries kept.
+      both, both_scores = tuning_lib.exact_top_k(
+          gallery, np.concatenate([queries, gallery[rows]]), k)
+      exact_indices, exact_scores = both[:len(rows)], both_scores[:len(rows)]
+      result.neighbours_kept = round(float(tuning_lib.neighbours_kept(
+          exact_indices, both[len(rows):]).mean()), 4)
     result.exact_seconds = round(time.perf_counter() - exact_start, 3)
-    if rows is not None:
-      own = np.einsum("qd,qd->q", queries, gallery[rows])
-      result.own_row_nearest = round(float(np.mean(
-          own >= exact_scores[:, 0] - tuning_lib.TIE_TOLERANCE)), 4)
 
     def search(q, leaves, reorder):
       return self.search(q, k, leaves_to_search=leaves or 0,
@@ -526,9 +554,11 @@ class ScannSearch(SearchIndex):
       raise FileNotFoundError(
           f"ScaNN index {assets} lacks {missing}; the directory is "
           "incomplete: copy it whole or rebuild the index")
+    recorded = dict(meta.get("settings") or {})
+    for name in RETIRED_SETTINGS:  # Build-time only: nothing to restore.
+      recorded.pop(name, None)
     try:
-      settings = ScannSettings.from_config(
-          dict(meta.get("settings") or {}, **overrides))
+      settings = ScannSettings.from_config(dict(recorded, **overrides))
     except (TypeError, ValueError) as e:
       raise ValueError(f"{directory}/{INDEX_FILE} has bad settings: {e}") from e
     try:
@@ -550,8 +580,8 @@ def tuning_description(t: tuning_lib.Tuning) -> str:
     return "not tuned (no target recall)"
   if not t.num_queries:
     return f"recall@10 of exact {t.recall} ({t.note})"
-  how = (f"gallery rows + noise of norm {t.noise_scale:.3g}, own row nearest "
-         f"for {t.own_row_nearest:.2f}" if t.queries == "gallery"
+  how = (f"gallery rows + noise of norm {t.noise_scale:.3g}, keeping "
+         f"{t.neighbours_kept:.2f} of their rows' top 10" if t.queries == "gallery"
          else "the caller's queries")
   text = (f"recall@10 of exact {t.recall:.4f} (target {t.target}) on "
           f"{t.num_queries} tuning queries ({how}); tuned in {t.seconds:.1f} s")
