@@ -305,3 +305,44 @@ def test_embedding_with_another_config_or_state_into_a_collection_is_refused(
                            r"fingerprint\.checkpoint\.step: null -> 3\. "):
     modes.run_embed(config, str(workdir))
   assert {p.name: os.stat(p).st_mtime_ns for p in ref_dir.iterdir()} == before
+
+
+def test_arrays_made_elsewhere_become_a_collection(tmp_path):
+  """write_arrays takes rows in blocks of any size; the reader gives them back;
+  a rerun keeps the shards; short, long, non-finite or foreign input is refused."""
+  rng = np.random.default_rng(0)
+  rows = rng.standard_normal((23, 4)).astype(np.float32)
+  ids = [f"shop/{i:03d}" for i in range(23)]
+  cuts = [0, 1, 9, 10, 23]
+  blocks = lambda: (rows[a:b] for a, b in zip(cuts, cuts[1:]))  # noqa: E731
+  kwargs = dict(dim=4, fingerprint={"model": "elsewhere"},
+                collection={"catalogue": "shop"}, shard_size=5)
+  where = tmp_path / "shop"
+  stats = collection_lib.write_arrays(where, ids, blocks(), **kwargs)
+  assert stats == dict(shards=5, written=5, kept=0, rows=23)
+  coll = collection_lib.open_collection(where)
+  assert coll.ids == ids
+  np.testing.assert_array_equal(coll.load(), rows.astype(np.float16))
+
+  mtimes = {p: p.stat().st_mtime_ns for p in where.iterdir()}
+  os.remove(where / "shard-00002-of-00005.ids.jsonl")  # As if killed mid-shard.
+  stats = collection_lib.write_arrays(where, ids, blocks(), **kwargs)
+  assert stats == dict(shards=5, written=1, kept=4, rows=5)
+  assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()
+             if "00002" not in p.name)
+  np.testing.assert_array_equal(collection_lib.open_collection(where).load(),
+                                rows.astype(np.float16))
+
+  with pytest.raises(ValueError, match="fewer than the ids"):
+    collection_lib.write_arrays(tmp_path / "short", ids, [rows[:20]], **kwargs)
+  with pytest.raises(ValueError, match="more rows than the 23 ids"):
+    collection_lib.write_arrays(tmp_path / "long", ids, [rows, rows[:1]], **kwargs)
+  bad = rows.copy()
+  bad[12, 1] = np.nan
+  with pytest.raises(ValueError, match="row 12 .* not finite"):
+    collection_lib.write_arrays(tmp_path / "nan", ids, [bad[:10], bad[10:]], **kwargs)
+  with pytest.raises(ValueError, match=r"shape \(23, 3\), not \[rows, 4\]"):
+    collection_lib.write_arrays(tmp_path / "dim", ids, [rows[:, :3]], **kwargs)
+  with pytest.raises(collection_lib.CollectionError, match="elsewhere"):
+    collection_lib.write_arrays(where, ids, blocks(),
+                                **dict(kwargs, fingerprint={"model": "other"}))

@@ -37,7 +37,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -429,6 +429,20 @@ def _check_existing(directory: pathlib.Path, manifest: dict) -> str | None:
   return None
 
 
+def _write_shard(directory: pathlib.Path, entry: Mapping[str, Any], emb: np.ndarray,
+                 ids: Sequence[str], skipped: list[dict[str, str]], *, digest: str,
+                 number: int, process: int, processes: int) -> None:
+  """Writes one shard: its embeddings, then its ids file, each atomically."""
+  _write_atomically(directory / f"{entry['name']}.npy",
+                    lambda f: np.save(f, emb, allow_pickle=False))
+  text = "\n".join([json.dumps(dict(
+      manifest_sha256=digest, shard=number, rows=len(ids), skipped=skipped,
+      process=process, processes=processes))] + [json.dumps(i) for i in ids])
+  # Renamed last: its presence marks the shard complete.
+  _write_atomically(directory / f"{entry['name']}{IDS_SUFFIX}",
+                    lambda f: f.write(text.encode() + b"\n"))
+
+
 def _skipped(batch) -> dict[str, str]:
   """{id: error} of the bad examples a batch left out (data.skip_bad_examples): the
   rows with ids but no index, in the order of the batch's error messages."""
@@ -571,18 +585,117 @@ def write_collection(directory: str | os.PathLike, ids: Sequence[str], records, 
     for s in skipped:
       logging.warning("Embedding %s: left out %s: %s", directory.name, s["id"],
                       s["error"])
-    emb = out[filled].astype(dtype)
-    _write_atomically(directory / f"{entry['name']}.npy",
-                      lambda f, emb=emb: np.save(f, emb, allow_pickle=False))
-    text = "\n".join([json.dumps(dict(
-        manifest_sha256=digest, shard=n, rows=len(kept_ids), skipped=skipped,
-        process=process, processes=processes))] + [json.dumps(i) for i in kept_ids])
-    # Renamed last: its presence marks the shard complete.
-    _write_atomically(directory / f"{entry['name']}{IDS_SUFFIX}",
-                      lambda f, text=text: f.write(text.encode() + b"\n"))
+    _write_shard(directory, entry, out[filled].astype(dtype), kept_ids, skipped,
+                 digest=digest, number=n, process=process, processes=processes)
     stats["written"] += 1
     stats["rows"] += int(filled.sum())
     progress.log(f"; wrote {entry['name']}", force=True)
   if processes > 1:
     multihost_utils.sync_global_devices(f"embed_done_{directory.name}")
   return stats
+
+
+def write_arrays(directory: str | os.PathLike, ids: Sequence[str],
+                 blocks: Iterable[np.ndarray], *, dim: int, fingerprint: Mapping,
+                 collection: Mapping, dtype: str = "float16",
+                 shard_size: int = 10000) -> dict[str, int]:
+  """Writes embeddings made elsewhere as a collection, from one process.
+
+  For catalogues embedded outside `--config.mode=embed`, or synthetic ones (the
+  catalogue benchmark's): the result reads as any collection does, so the index
+  tools take it. As with `write_collection`, complete shards are kept on a rerun
+  (their rows are still read from `blocks`, and dropped) and a rerun whose ids or
+  fingerprint differ is refused.
+
+  Args:
+    directory: the collection's directory.
+    ids: the ids of the rows, in order; unique.
+    blocks: float arrays [rows_i, dim] holding the rows of `ids` in order, in
+      blocks of any sizes.
+    dim: the embedding dimension.
+    fingerprint: what made the embeddings (JSON-ready dict).
+    collection: what they are of (JSON-ready dict).
+    dtype: "float32" or "float16", the storage dtype.
+    shard_size: rows per shard.
+
+  Returns:
+    {"shards", "written", "kept", "rows" (rows written)}.
+  """
+  directory = pathlib.Path(directory)
+  if not ids:
+    raise ValueError(f"Nothing to write into {directory}: no ids were given.")
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"The ids of {directory} are not unique.")
+  manifest = make_manifest(ids, name=directory.name, dim=dim, dtype=dtype,
+                           shard_size=shard_size, collection=collection,
+                           fingerprint=fingerprint)
+  problem = _check_existing(directory, manifest)
+  if problem:
+    raise CollectionError(problem)
+  directory.mkdir(parents=True, exist_ok=True)
+  if not (directory / MANIFEST).exists():
+    text = json.dumps(manifest, indent=1)
+    _write_atomically(directory / MANIFEST, lambda f: f.write(text.encode()))
+  shards = manifest["layout"]["shards"]
+  digest = manifest["shards_sha256"]
+  stats = dict(shards=len(shards), written=0, kept=0, rows=0)
+  stream = _Rows(blocks, dim, directory)
+  for n, entry in enumerate(shards):
+    emb = stream.take(entry["rows"])
+    if _complete(directory, entry["name"], digest):
+      stats["kept"] += 1
+      continue
+    _write_shard(directory, entry, emb.astype(dtype),
+                 ids[entry["start"]:entry["start"] + entry["rows"]], [],
+                 digest=digest, number=n, process=0, processes=1)
+    stats["written"] += 1
+    stats["rows"] += entry["rows"]
+    logging.info("Wrote %s of %s (%d rows).", entry["name"], directory, entry["rows"])
+  stream.finish(len(ids))
+  return stats
+
+
+class _Rows:
+  """Rows taken in counts of our choosing from blocks of any sizes, checked."""
+
+  def __init__(self, blocks: Iterable[np.ndarray], dim: int, directory: pathlib.Path):
+    self._blocks = iter(blocks)
+    self._dim, self._directory = dim, directory
+    self._pending: list[np.ndarray] = []
+    self._held = 0
+    self.read = 0  # rows taken from the blocks so far
+
+  def _next_block(self) -> bool:
+    try:
+      block = np.asarray(next(self._blocks))
+    except StopIteration:
+      return False
+    if block.ndim != 2 or block.shape[1] != self._dim:
+      raise ValueError(f"Writing {self._directory}: a block of rows "
+                       f"{self.read + self._held} on has shape {block.shape}, not "
+                       f"[rows, {self._dim}].")
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if bad.size:
+      raise ValueError(f"Writing {self._directory}: row "
+                       f"{self.read + self._held + int(bad[0])} ({bad.size} in its "
+                       "block) is not finite; fix the embeddings before writing.")
+    self._pending.append(block)
+    self._held += len(block)
+    return True
+
+  def take(self, rows: int) -> np.ndarray:
+    while self._held < rows:
+      if not self._next_block():
+        raise ValueError(f"Writing {self._directory}: the blocks hold "
+                         f"{self.read + self._held} rows, fewer than the ids.")
+    joined = (self._pending[0] if len(self._pending) == 1
+              else np.concatenate(self._pending))
+    self._pending = [joined[rows:]] if len(joined) > rows else []
+    self._held -= rows
+    self.read += rows
+    return joined[:rows]
+
+  def finish(self, count: int) -> None:
+    if self._held or self._next_block():
+      raise ValueError(f"Writing {self._directory}: the blocks hold more rows than "
+                       f"the {count} ids.")
