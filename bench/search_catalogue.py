@@ -179,7 +179,7 @@ def main(argv=None):
   p.add_argument("--clusters", type=int, default=0, help="0: from --data")
   p.add_argument("--queries", type=int, default=1000)
   p.add_argument("--k", type=int, default=10)
-  p.add_argument("--shard_rows", type=int, default=1_000_000,
+  p.add_argument("--shard_rows", type=int, default=500_000,
                  help="rows per index shard")
   p.add_argument("--collection_shard_rows", type=int, default=100_000,
                  help="rows per collection shard file")
