@@ -412,6 +412,45 @@ def test_sharded_scann_index_reaches_the_target_and_moves(tmp_path):
       np.mean([s.bytes_per_vector for s in loaded.shards]))
 
 
+def test_sharded_index_tuned_across_shards_on_the_catalogue_top_10(tmp_path):
+  """tune() measures what the merged search returns against the whole
+  catalogue's exact top 10, sets one setting for every shard, and
+  save_settings() keeps it without rewriting the searchers."""
+  rng = np.random.default_rng(12)
+  gallery = _clustered(rng, 6000, 32, 60, 1.0)
+  ids = [f"p{i}" for i in range(6000)]
+  tune_q, test_q = _near(rng, gallery, 400, 0.7), _near(rng, gallery, 300, 0.7)
+  directory = tmp_path / "sharded"
+  index = search.build_sharded_index(
+      _split(gallery, ids, [2000, 2000, 2000]), directory=directory,
+      settings=dict(mode="tree_ah", target_recall=None))
+  blocks = (gallery[i:i + 1500] for i in range(0, 6000, 1500))
+  exact, _ = tuning.exact_top_k_blocks(blocks, tune_q, 10)
+  t = index.tune(tune_q, exact, 0.95)
+  assert t.met and t.recall >= 0.95 and t.queries == "given"
+  assert t.num_queries == 400 and t.leaves_to_search < max(
+      s.settings.num_leaves for s in index.shards)
+  assert {(s.settings.leaves_to_search, s.settings.reorder_num_neighbors)
+          for s in index.shards} == {(t.leaves_to_search,
+                                      t.reorder_num_neighbors)}
+  # Fewer leaves fall short of the catalogue's top 10.
+  assert any(leaves < t.leaves_to_search and recall < 0.95
+             for leaves, _, _, recall in t.evaluations)
+  assert _recall(index, gallery, test_q) >= 0.93  # Held-out queries.
+
+  searchers = sorted(directory.glob("*/scann/*"))
+  mtimes = [p.stat().st_mtime_ns for p in searchers]
+  index.save_settings(directory)
+  assert [p.stat().st_mtime_ns for p in searchers] == mtimes
+  loaded = search.load_index(directory)
+  assert loaded.tuned_recall == t.recall
+  assert [s.settings for s in loaded.shards] == [s.settings for s in index.shards]
+  assert loaded.search_ids(test_q, 10)[0] == index.search_ids(test_q, 10)[0]
+  with pytest.raises(ValueError, match="400 tuning queries but exact results "
+                     "for 10"):
+    index.tune(tune_q, exact[:10])
+
+
 def test_broken_sharded_directories_name_the_shard(tmp_path):
   rng = np.random.default_rng(12)
   gallery = _unit(rng, 40, 8)

@@ -87,3 +87,7 @@ def test_build_index_tunes_on_the_evaluation_queries_and_shards(tmp_path):
   index = search.load_index(tmp_path / "index")
   assert isinstance(index, search.ShardedIndex) and index.tuned_recall >= 0.95
   assert index.ids == ids.tolist()
+  # Tuned together, on the whole catalogue's exact top 10: one setting.
+  assert {s.tuning.note for s in index.shards} == {
+      "tuned across the shards, on the catalogue's exact top k"}
+  assert len({s.settings.reorder_num_neighbors for s in index.shards}) == 1

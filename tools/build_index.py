@@ -22,10 +22,13 @@ paths only, so it can be copied anywhere and loaded there.
 
 A ScaNN index is tuned at build time to return, on held-out queries, a share
 --target_recall (0.95) of exact search's top 10: the evaluation's own queries when
-the embeddings file holds them (--tune_on=auto), else gallery rows plus noise. The
-tool prints the recall reached, the settings chosen and the memory per vector.
---shard_rows=N builds one index per N rows (a sharded index, searched as one); each
-shard is saved as soon as it is built.
+the embeddings file holds them, or --tuning_queries=<npy> (--tune_on=auto), else
+gallery rows plus noise. The tool prints the recall reached, the settings chosen and
+the memory per vector. --shard_rows=N builds one index per N rows (a sharded index,
+searched as one); each shard is saved as soon as it is built. With tuning queries,
+the shards are then tuned together on the whole catalogue's exact top 10 (a second
+pass over the embeddings); without, each shard tunes on its own rows, which asks
+for more than the merged search needs when the catalogue is split at random.
 """
 
 import os
@@ -36,6 +39,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from procir_jax.eval import search
+from procir_jax.eval.search import tuning
 
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, "An embeddings/<dataset>.npz, or a collection directory that "
@@ -56,7 +60,11 @@ _TARGET_RECALL = flags.DEFINE_float("target_recall", 0.95, "ScaNN: recall@10 of 
                                     "settings).", lower_bound=0, upper_bound=1)
 _TUNE_ON = flags.DEFINE_enum("tune_on", "auto", ["auto", "queries", "gallery"],
                              "ScaNN tuning queries: the embeddings file's queries "
-                             "(q), gallery rows plus noise, or auto: q when there.")
+                             "(q, or --tuning_queries), gallery rows plus noise, or "
+                             "auto: queries when there are some.")
+_TUNING_QUERIES = flags.DEFINE_string(
+    "tuning_queries", None, "A .npy of float [Q, D] queries to tune ScaNN on, in "
+    "place of the embeddings file's q (a collection has none).")
 
 
 def _from_model():
@@ -85,10 +93,16 @@ def _tuning_queries(queries):
   """The queries ScaNN tunes on, or None for gallery-derived ones."""
   if _TUNE_ON.value == "gallery":
     return None
+  if _TUNING_QUERIES.value:
+    queries = np.load(_TUNING_QUERIES.value)
+    if queries.ndim != 2:
+      raise app.UsageError(f"--tuning_queries={_TUNING_QUERIES.value} holds "
+                           f"shape {queries.shape}, not [queries, dim]")
   if queries is None or not len(queries):
     if _TUNE_ON.value == "queries":
-      raise app.UsageError("--tune_on=queries needs --embeddings=<npz> holding "
-                           "queries (q); use --tune_on=gallery")
+      raise app.UsageError("--tune_on=queries needs queries: --embeddings=<npz> "
+                           "holding q, or --tuning_queries=<npy>; or use "
+                           "--tune_on=gallery")
     return None
   return queries
 
@@ -108,38 +122,67 @@ def main(argv):
     embeddings, ids = _from_model()
   else:
     raise app.UsageError("Pass --embeddings=<npz>, or --config and --workdir.")
-  settings = dict(target_recall=_TARGET_RECALL.value or None)
-  tuning_queries = _tuning_queries(queries) if _TARGET_RECALL.value else None
-  kwargs = dict(backend=_BACKEND.value, tuning_queries=tuning_queries,
-                settings=settings if _BACKEND.value == "scann" else None)
   shard_rows = _SHARD_ROWS.value
   if shard_rows and len(ids) > shard_rows:
-    # Each shard is saved as soon as it is built and then freed.
-    parts = ((embeddings[i:i + shard_rows], ids[i:i + shard_rows])
-             for i in range(0, len(ids), shard_rows))
-    index = search.build_sharded_index(parts, directory=_OUT.value, **kwargs)
+    index = _build_sharded(lambda: ((embeddings[i:i + shard_rows],
+                                     ids[i:i + shard_rows])
+                                    for i in range(0, len(ids), shard_rows)),
+                           _tuning_queries(queries))
     path = _OUT.value
   else:
-    index = search.build_index(embeddings, ids, **kwargs)
+    index = search.build_index(embeddings, ids, **_build_kwargs(
+        _tuning_queries(queries)))
     path = index.save(_OUT.value)
   _report(index, path, embeddings.shape[1])
 
 
+def _build_kwargs(tuning_queries):
+  tune = bool(_TARGET_RECALL.value)
+  return dict(backend=_BACKEND.value,
+              tuning_queries=tuning_queries if tune else None,
+              settings=dict(target_recall=_TARGET_RECALL.value or None)
+              if _BACKEND.value == "scann" else None)
+
+
+def _build_sharded(parts, tuning_queries):
+  """One index per part of `parts()` (each saved as soon as it is built).
+
+  With tuning queries, the ScaNN shards are tuned together on the whole
+  catalogue's exact top 10 (`ShardedIndex.tune`; the exact pass reads the parts
+  again); without, each shard tunes on its own rows plus noise.
+  """
+  kwargs = _build_kwargs(tuning_queries)
+  together = _BACKEND.value == "scann" and kwargs["tuning_queries"] is not None
+  if together:
+    kwargs.update(tuning_queries=None, settings=dict(target_recall=None))
+  # Each shard is saved as soon as it is built and then freed.
+  index = search.build_sharded_index(parts(), directory=_OUT.value, **kwargs)
+  if together:
+    queries = search.l2_normalize(tuning_queries)
+    exact, _ = tuning.exact_top_k_blocks(
+        (search.l2_normalize(emb) for emb, _ in parts()), queries,
+        tuning.RECALL_K)
+    index.tune(queries, exact, _TARGET_RECALL.value)
+    index.save_settings(_OUT.value)
+  return index
+
+
 def _from_collection(directory: str) -> None:
   """Indexes a collection --config.mode=embed wrote, one --shard_rows block at a
-  time (the collection has no queries: tuning uses gallery rows plus noise)."""
+  time (a collection holds no queries: tuning uses --tuning_queries, else gallery
+  rows plus noise)."""
   from procir_jax.eval import collection as collection_lib
 
   coll = collection_lib.open_collection(directory)
-  kwargs = dict(backend=_BACKEND.value, settings=dict(
-      target_recall=_TARGET_RECALL.value or None) if _BACKEND.value == "scann"
-      else None)
+  tuning_queries = _tuning_queries(None)
   if _SHARD_ROWS.value and len(coll) > _SHARD_ROWS.value:
-    parts = ((emb, ids) for ids, emb in coll.iter_blocks(_SHARD_ROWS.value))
-    index = search.build_sharded_index(parts, directory=_OUT.value, **kwargs)
+    index = _build_sharded(
+        lambda: ((emb, ids) for ids, emb in coll.iter_blocks(_SHARD_ROWS.value)),
+        tuning_queries)
     path = _OUT.value
   else:
-    index = search.build_index(coll.load().astype(np.float32), coll.ids, **kwargs)
+    index = search.build_index(coll.load().astype(np.float32), coll.ids,
+                               **_build_kwargs(tuning_queries))
     path = index.save(_OUT.value)
   _report(index, path, coll.dim)
 

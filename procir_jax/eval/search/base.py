@@ -165,11 +165,16 @@ class SearchIndex(abc.ABC):
     self._save_arrays(directory)
     with open(os.path.join(directory, IDS_FILE), "w") as f:
       json.dump(self.ids, f)
-    write_metadata(directory, backend=self.backend, dimension=self.dimension,
-                   count=self.count, normalize=self.normalize,
-                   settings=self.settings_dict(), ids_file=IDS_FILE,
-                   **self.metadata_dict())
+    self.save_settings(directory)
     return directory
+
+  def save_settings(self, directory) -> None:
+    """Rewrites only index.json (settings and tuning) of the index saved in
+    `directory`: for search-time settings chosen after it was saved."""
+    write_metadata(os.fspath(directory), backend=self.backend,
+                   dimension=self.dimension, count=self.count,
+                   normalize=self.normalize, settings=self.settings_dict(),
+                   ids_file=IDS_FILE, **self.metadata_dict())
 
   @abc.abstractmethod
   def _save_arrays(self, directory: str) -> None:

@@ -378,22 +378,11 @@ class ScannSearch(SearchIndex):
                                    exact_scores, gallery)
     target = s.target_recall
     max_reorder = min(n, max(k, s.max_reorder_num_neighbors))
-    leaves = s.leaves_to_search if tree else None
-    reorder = requested.reorder_num_neighbors or max_reorder
-    leaves_found = True
-    if tree and not requested.leaves_to_search:
-      # Leaves first (the dominant cost), with generous reordering.
-      leaves, leaves_found = tuning_lib.smallest_passing(
-          1, s.num_leaves, lambda x: meter.passes(x, reorder, target))
-    if not requested.reorder_num_neighbors and leaves_found:
-      # Tuned leaves passed with max_reorder already.
-      if ((tree and not requested.leaves_to_search)
-          or meter.passes(leaves, max_reorder, target)):
-        reorder, _ = tuning_lib.smallest_passing(
-            k, max_reorder, lambda x: meter.passes(leaves, x, target),
-            tolerance=0.25, high_passes=True, step=max(1, k // 2))
-      else:
-        reorder = max_reorder
+    leaves, reorder = tuning_lib.choose_settings(
+        meter, target, k=k, num_leaves=s.num_leaves if tree else None,
+        max_reorder=max_reorder,
+        leaves=s.leaves_to_search if tree and requested.leaves_to_search else None,
+        reorder=requested.reorder_num_neighbors or None)
     achieved, error = meter.recall(leaves, reorder)
     result.recall = round(achieved, 4)
     result.recall_stderr = round(error, 4)

@@ -36,7 +36,9 @@ Memory: a 10M x 1024 catalogue fits in 24 GB.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any, Iterable, Sequence
 
 from absl import logging
@@ -46,6 +48,7 @@ from procir_jax.eval.search.base import (INDEX_FILE, SearchIndex, _check_queries
                                          _sort_results, read_metadata,
                                          write_metadata)
 from procir_jax.eval.search.exact import ExactSearch
+from procir_jax.eval.search import tuning as tuning_lib
 from procir_jax.eval.search.scann_index import ScannSearch
 
 SHARDED_BACKEND = "sharded"
@@ -129,21 +132,109 @@ class ShardedIndex(SearchIndex):
     self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(
         np.int64)
 
-  def search(self, queries, k: int = 10):
-    """See `SearchIndex.search`; indices are global rows (into `ids`)."""
+  def search(self, queries, k: int = 10, *, leaves_to_search: int = 0,
+             reorder_num_neighbors: int = 0):
+    """See `SearchIndex.search`; indices are global rows (into `ids`).
+
+    The keyword arguments override every ScaNN shard's settings (leaves capped
+    at each shard's count); exact shards ignore them.
+    """
     queries = _check_queries(queries, self.dimension, self.normalize)
     k = max(1, min(int(k), self.count))
     if queries.shape[0] == 0:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     all_indices, all_scores = [], []
     for shard, offset in zip(self.shards, self.offsets):
-      indices, scores = shard.search(queries, min(k, shard.count))
+      kwargs = {}
+      if isinstance(shard, ScannSearch):
+        kwargs = dict(reorder_num_neighbors=reorder_num_neighbors,
+                      leaves_to_search=min(leaves_to_search,
+                                           shard.settings.num_leaves))
+      indices, scores = shard.search(queries, min(k, shard.count), **kwargs)
       all_indices.append(np.where(indices >= 0, indices + offset, -1))
       all_scores.append(scores)
     # Every shard's own top k holds every global top-k row it has.
     indices, scores = _sort_results(np.concatenate(all_indices, axis=1),
                                     np.concatenate(all_scores, axis=1))
     return indices[:, :k], scores[:, :k]
+
+  def tune(self, queries, exact_indices, target: float = 0.95, *,
+           max_reorder_num_neighbors: int = 1000, seed: int = 0):
+    """Sets one leaves_to_search and reorder_num_neighbors for every ScaNN
+    shard: the cheapest whose recall@k of the catalogue's exact top k reaches
+    `target` on `queries` (less two standard errors, as `tuning` does).
+
+    Tuning each shard on its own aims it at its own top 10. In a catalogue
+    split at random, most of a shard's top 10 are not among the catalogue's,
+    and finding those takes far more leaves than finding the catalogue's: at
+    10M x 1024 (bench/search_catalogue.py's clusters, 500K-row shards), a
+    shard tuned on its own searched 1316 of its 1414 leaves. This measures
+    what the merged search returns instead. `save_settings` keeps the result.
+
+    Args:
+      queries: float [Q, D] tuning queries (say the evaluation's own).
+      exact_indices: int [Q, k] their exact top k over the whole catalogue, in
+        this index's global rows (`tuning.exact_top_k_blocks` over the
+        catalogue's blocks in shard order gives them).
+      target: recall@k of exact to reach.
+      max_reorder_num_neighbors: the most candidates a shard may reorder.
+      seed: orders the queries (the first quarter screens settings).
+
+    Returns:
+      The `tuning.Tuning` recorded in every ScaNN shard.
+    """
+    scann = [s for s in self.shards if isinstance(s, ScannSearch)
+             and s.settings.mode != "brute_force"]
+    if not scann:  # Exact and brute-force shards have nothing to tune.
+      return tuning_lib.Tuning(target=target, recall=1.0, met=True,
+                               note="every shard scores every row exactly")
+    start = time.perf_counter()
+    queries = _check_queries(queries, self.dimension, self.normalize)
+    exact_indices = np.asarray(exact_indices)
+    if exact_indices.shape[0] != queries.shape[0]:
+      raise ValueError(f"{queries.shape[0]} tuning queries but exact results "
+                       f"for {exact_indices.shape[0]}")
+    k = exact_indices.shape[1]
+    order = np.random.default_rng(seed).permutation(queries.shape[0])
+    queries, exact_indices = queries[order], exact_indices[order]
+
+    def search(q, leaves, reorder):
+      return self.search(q, k, leaves_to_search=leaves or 0,
+                         reorder_num_neighbors=reorder)[0]
+
+    meter = tuning_lib.RecallMeter(search, queries, exact_indices, None, None)
+    trees = [s.settings.num_leaves for s in scann if s.settings.mode == "tree_ah"]
+    leaves, reorder = tuning_lib.choose_settings(
+        meter, target, k=k, num_leaves=max(trees) if trees else None,
+        max_reorder=max(k, max_reorder_num_neighbors))
+    achieved, error = meter.recall(leaves, reorder)
+    result = tuning_lib.Tuning(
+        target=target, recall=round(achieved, 4), recall_stderr=round(error, 4),
+        met=bool(achieved >= target), num_queries=int(queries.shape[0]),
+        queries="given", leaves_to_search=leaves, reorder_num_neighbors=reorder,
+        evaluations=meter.evaluations,
+        seconds=round(time.perf_counter() - start, 3),
+        note="tuned across the shards, on the catalogue's exact top k")
+    for shard in scann:
+      shard.tuning = result
+      shard.settings = dataclasses.replace(
+          shard.settings, reorder_num_neighbors=reorder,
+          leaves_to_search=min(leaves or shard.settings.leaves_to_search,
+                               shard.settings.num_leaves))
+    if not result.met:
+      logging.warning("sharded index of %d rows: recall@%d of exact %.4f on %d "
+                      "queries, below the target %s even at leaves_to_search=%s, "
+                      "reorder_num_neighbors=%d", self.count, k, achieved,
+                      result.num_queries, target, leaves, reorder)
+    return result
+
+  def save_settings(self, directory) -> None:
+    """Rewrites the shards' and the manifest's index.json (see `tune`)."""
+    directory = os.fspath(directory)
+    for number, shard in enumerate(self.shards):
+      shard.save_settings(os.path.join(directory, shard_dir_name(number)))
+    write_manifest(directory, [_shard_entry(n, s) for n, s in enumerate(self.shards)],
+                   self.dimension, self.normalize, self.tuning_dict())
 
   @property
   def tuned_recall(self) -> float | None:

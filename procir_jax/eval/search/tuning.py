@@ -175,7 +175,8 @@ def recall_of_exact(found: np.ndarray, exact_indices: np.ndarray,
     found: int [Q, >=k] rows an index returned (-1: empty slot).
     exact_indices: int [Q, k] exact top-k.
     exact_scores: float [Q, k] their scores, descending.
-    gallery: float32 [N, D], to score returned rows exactly.
+    gallery: float32 [N, D], to score returned rows exactly; None (a gallery
+      not in memory) counts only the exact top k's own rows.
     queries: float32 [Q, D].
 
   Returns:
@@ -186,10 +187,11 @@ def recall_of_exact(found: np.ndarray, exact_indices: np.ndarray,
   found = np.asarray(found)[:, :k]
   valid = found >= 0
   in_exact = (found[:, :, None] == exact_indices[:, None, :]).any(axis=2)
-  rows = gallery[np.where(valid, found, 0)]
-  true_scores = np.einsum("qd,qkd->qk", queries, rows)
-  tie = true_scores >= exact_scores[:, -1:] - TIE_TOLERANCE
-  hits = (valid & (in_exact | tie)).sum(axis=1)
+  if gallery is not None:
+    rows = gallery[np.where(valid, found, 0)]
+    true_scores = np.einsum("qd,qkd->qk", queries, rows)
+    in_exact |= true_scores >= exact_scores[:, -1:] - TIE_TOLERANCE
+  hits = (valid & in_exact).sum(axis=1)
   return np.minimum(hits, k) / k
 
 
@@ -294,6 +296,43 @@ def smallest_passing(low: int, high: int, passes: Callable[[int], bool],
   return value, True
 
 
+def choose_settings(meter: "RecallMeter", target: float, *, k: int,
+                    num_leaves: int | None, max_reorder: int,
+                    leaves: int | None = None, reorder: int | None = None):
+  """The cheapest (leaves_to_search, reorder_num_neighbors) that pass.
+
+  Leaves first, the dominant cost, with generous reordering; then the fewest
+  candidates reordered at those leaves (see the module's docstring).
+
+  Args:
+    meter: measures the settings.
+    target: recall@k of exact to reach.
+    k: the depth of recall.
+    num_leaves: tree leaves (None: no tree; leaves are then None).
+    max_reorder: the most candidates to reorder.
+    leaves: kept as given (not tuned) when set.
+    reorder: kept as given when set.
+
+  Returns:
+    (leaves, reorder).
+  """
+  tuned_leaves = num_leaves is not None and not leaves
+  search_reorder = reorder or max_reorder
+  leaves_found = True
+  if tuned_leaves:
+    leaves, leaves_found = smallest_passing(
+        1, num_leaves, lambda x: meter.passes(x, search_reorder, target))
+  if reorder or not leaves_found:
+    return leaves, search_reorder
+  # Tuned leaves passed with max_reorder already.
+  if tuned_leaves or meter.passes(leaves, max_reorder, target):
+    reorder, _ = smallest_passing(
+        k, max_reorder, lambda x: meter.passes(leaves, x, target),
+        tolerance=0.25, high_passes=True, step=max(1, k // 2))
+    return leaves, reorder
+  return leaves, max_reorder
+
+
 class RecallMeter:
   """Measures recall@k of exact for search settings, screening on a subset.
 
@@ -301,8 +340,8 @@ class RecallMeter:
     search: (queries, leaves, reorder) -> found rows [Q, >=k].
     queries: float32 [Q, D] tuning queries.
     exact_indices: int [Q, k] their exact top k.
-    exact_scores: float [Q, k] its scores.
-    gallery: float32 [N, D].
+    exact_scores: float [Q, k] its scores (None without a gallery).
+    gallery: float32 [N, D], or None (see `recall_of_exact`).
   """
 
   def __init__(self, search, queries, exact_indices, exact_scores, gallery):
@@ -318,8 +357,10 @@ class RecallMeter:
   def _measure(self, leaves, reorder, num):
     exact_indices, exact_scores, gallery, queries = self._args
     found = self._search(queries[:num], leaves, reorder)
-    per_query = recall_of_exact(found, exact_indices[:num],
-                                exact_scores[:num], gallery, queries[:num])
+    per_query = recall_of_exact(
+        found, exact_indices[:num],
+        None if exact_scores is None else exact_scores[:num], gallery,
+        queries[:num])
     self.evaluations.append([leaves, reorder, num,
                              round(float(per_query.mean()), 4)])
     return per_query
