@@ -471,6 +471,18 @@ class _Progress:
                  (self.total - self.done) / max(rate, 1e-9), note)
 
 
+def _plan_writing(directory: pathlib.Path, ids: Sequence[str], empty: str,
+                  **manifest_fields) -> tuple[dict, str | None]:
+  """The manifest of a collection about to be written, and why the directory
+  cannot take it (None if it can)."""
+  if not ids:
+    raise ValueError(f"Nothing to write into {directory}: {empty}")
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"The ids of {directory} are not unique.")
+  manifest = make_manifest(ids, name=directory.name, **manifest_fields)
+  return manifest, _check_existing(directory, manifest)
+
+
 def write_collection(directory: str | os.PathLike, ids: Sequence[str], records, *,
                      encoder, params, data_cfg, dim: int, fingerprint: Mapping,
                      collection: Mapping, dtype: str = "float32",
@@ -504,16 +516,10 @@ def write_collection(directory: str | os.PathLike, ids: Sequence[str], records, 
   from procir_jax.data import pipeline
 
   directory = pathlib.Path(directory)
-  if not ids:
-    raise ValueError(f"Nothing to embed into {directory}: the collection "
-                     f"{dict(collection)} holds no products. Check config.embed's "
-                     f"split, sources and data_dir.")
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"The ids of {directory} are not unique.")
-  manifest = make_manifest(ids, name=directory.name, dim=dim, dtype=dtype,
-                           shard_size=shard_size, collection=collection,
-                           fingerprint=fingerprint)
-  problem = _check_existing(directory, manifest)
+  manifest, problem = _plan_writing(
+      directory, ids, f"the collection {dict(collection)} holds no products. Check "
+      "config.embed's split, sources and data_dir.", dim=dim, dtype=dtype,
+      shard_size=shard_size, collection=collection, fingerprint=fingerprint)
   _agree(problem is None, f"checking {directory}")
   if problem:
     raise CollectionError(problem)
@@ -622,14 +628,9 @@ def write_arrays(directory: str | os.PathLike, ids: Sequence[str],
     {"shards", "written", "kept", "rows" (rows written)}.
   """
   directory = pathlib.Path(directory)
-  if not ids:
-    raise ValueError(f"Nothing to write into {directory}: no ids were given.")
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"The ids of {directory} are not unique.")
-  manifest = make_manifest(ids, name=directory.name, dim=dim, dtype=dtype,
-                           shard_size=shard_size, collection=collection,
-                           fingerprint=fingerprint)
-  problem = _check_existing(directory, manifest)
+  manifest, problem = _plan_writing(
+      directory, ids, "no ids were given.", dim=dim, dtype=dtype,
+      shard_size=shard_size, collection=collection, fingerprint=fingerprint)
   if problem:
     raise CollectionError(problem)
   directory.mkdir(parents=True, exist_ok=True)
