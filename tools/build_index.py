@@ -159,9 +159,12 @@ def _build_sharded(parts, tuning_queries):
   index = search.build_sharded_index(parts(), directory=_OUT.value, **kwargs)
   if together:
     queries = search.l2_normalize(tuning_queries)
+    # In small blocks: the loaded index is in memory, and a whole part's scores
+    # (queries x rows) and their sort would be gigabytes more.
+    rows = tuning.EXACT_BLOCK_ROWS
     exact, _ = tuning.exact_top_k_blocks(
-        (search.l2_normalize(emb) for emb, _ in parts()), queries,
-        tuning.RECALL_K)
+        (search.l2_normalize(emb[i:i + rows]) for emb, _ in parts()
+         for i in range(0, len(emb), rows)), queries, tuning.RECALL_K)
     index.tune(queries, exact, _TARGET_RECALL.value)
     index.save_settings(_OUT.value)
   return index
