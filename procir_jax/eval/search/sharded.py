@@ -14,24 +14,25 @@ and an index.json manifest naming them by relative path:
   shard_00000/    a saved exact or ScaNN index
   shard_00001/    ...
 
-Memory: a 10M x 1024 catalogue fits in 24 GB.
+Memory, measured at 10M x 1024 in 500K-row shards from a float16 collection
+(bench/search_catalogue.py, on a 24 GB machine):
 
 - Served: a ScaNN shard with the default settings holds per row 1024 bytes of
   int8 reorder data, 256 of 4-bit AH codes (512 two-dimension blocks), 8 of
-  tree bookkeeping, about 4 of tree centres (1000 leaves x 4 KB over 1M rows)
-  and a product id of about 70 bytes as a Python string: about 1.36 KB, so 10M
-  rows take 13.6 GB (12.7 GiB), leaving 10 GB.
+  tree bookkeeping, about 8 of tree centres and a product id of about 70 bytes
+  as a Python string: about 1.37 KB. The 20 shards loaded in a fresh process
+  took 14.15 GiB peak resident memory (1.52 KB a row, the ids list included).
 - Built: `build_sharded_index(..., directory=...)` saves each shard as soon as
-  it is built and frees it, so the peak is one shard's build. Measured on a
-  1M x 1024 shard (unit rows, so no normalised copy): 14.1-14.4 GiB peak resident
-  memory, about 15 KB per row: the rows (4 KB), ScaNN's copies of them while
-  it partitions and trains (about 8 KB) and the new index (1.4 KB), plus the
-  process itself (about 1 GB). normalize=True adds a normalised copy (4 KB a
-  row). So 500K-row shards peak near 10 GB, plus the ids seen so far (kept to
-  check that they are unique: about 0.1 KB a row, 1 GB at 10M).
+  it is built and frees it, so the peak is one shard's build: about 13 GB for
+  500K rows (the block read, its float32 copy, normalised in place, ScaNN's
+  copies while it partitions and trains, and the new index), plus the ids
+  seen so far (kept to check that they are unique: about 0.1 KB a row).
+  1M-row shards went over 22 GB. The process does not give all of a shard's
+  memory back: after 20 builds, loading the finished index in the same process
+  went over 24 GB, where a fresh process needs 14.15 GiB; so tune and serve a
+  catalogue of this size from a fresh process.
 - Building without a directory keeps every finished shard in memory as well
-  (13.6 GB at 10M) next to the shard being built: at 10M that needs shards of
-  at most about 250K rows (5 GB peak) to stay within 24 GB.
+  next to the shard being built.
 """
 
 from __future__ import annotations
