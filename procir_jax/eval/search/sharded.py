@@ -229,13 +229,16 @@ class ShardedIndex(SearchIndex):
                       result.num_queries, target, leaves, reorder)
     return result
 
+  def _write_manifest(self, directory: str) -> None:
+    write_manifest(directory, [_shard_entry(n, s) for n, s in enumerate(self.shards)],
+                   self.dimension, self.normalize, self.tuning_dict())
+
   def save_settings(self, directory) -> None:
     """Rewrites the shards' and the manifest's index.json (see `tune`)."""
     directory = os.fspath(directory)
     for number, shard in enumerate(self.shards):
       shard.save_settings(os.path.join(directory, shard_dir_name(number)))
-    write_manifest(directory, [_shard_entry(n, s) for n, s in enumerate(self.shards)],
-                   self.dimension, self.normalize, self.tuning_dict())
+    self._write_manifest(directory)
 
   @property
   def tuned_recall(self) -> float | None:
@@ -282,8 +285,7 @@ class ShardedIndex(SearchIndex):
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     self._save_arrays(directory)
-    write_manifest(directory, [_shard_entry(n, s) for n, s in enumerate(self.shards)],
-                   self.dimension, self.normalize, self.tuning_dict())
+    self._write_manifest(directory)
     return directory
 
   @classmethod
