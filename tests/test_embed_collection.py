@@ -103,6 +103,24 @@ def test_blocks_cross_shards_and_the_index_tool_reads_a_collection(setup, tmp_pa
   found = index.search_ids(ref.load()[:5], k=1)[0]
   assert [row[0] for row in found] == ref.ids[:5]
 
+  # Rows by position, in the order asked, across shard files.
+  np.testing.assert_array_equal(ref.rows([27, 3, 11]), ref.load()[[27, 3, 11]])
+  with pytest.raises(IndexError, match="rows 3 to 28 asked of a collection of 28"):
+    ref.rows([3, 28])
+  # Partitioned by similarity (untuned: every query searches every shard), each
+  # shard built in its own process.
+  result = subprocess.run(
+      [sys.executable, "tools/build_index.py", f"--embeddings={ref_dir}",
+       "--backend=exact", "--shard_rows=10", "--shard_by=similarity",
+       f"--out={tmp_path / 'partitioned'}"],
+      cwd=_REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  index = search.load_index(str(tmp_path / "partitioned"))
+  assert index.partitioned and len(index.shards) == 4  # ceil(28 * 1.15 / 10)
+  assert sorted(index.ids) == sorted(ref.ids)
+  found = index.search_ids(ref.load()[:5], k=1)[0]
+  assert [row[0] for row in found] == ref.ids[:5]
+
 
 def _free_port() -> int:
   with socket.socket() as s:

@@ -164,10 +164,29 @@ class Collection:
         parts.append(np.asarray(emb[start:start + take], np.float32))
         held, start = held + take, start + take
         if held == rows:
-          yield ids, np.concatenate(parts)
-          ids, parts, held = [], [], 0
+          yield ids, _joined(parts)
+          ids, held = [], 0
     if held:
-      yield ids, np.concatenate(parts)
+      yield ids, _joined(parts)
+
+  def rows(self, indices) -> np.ndarray:
+    """float32 [len(indices), dim]: the rows at these positions (in `ids` order),
+    read from the memory-mapped shards (only their pages are touched), in the
+    order given."""
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+      raise IndexError(f"rows {indices.min()} to {indices.max()} asked of a "
+                       f"collection of {len(self)} rows ({self.directory})")
+    out = np.empty((len(indices), self.dim), np.float32)
+    start = 0
+    for n in range(self.num_shards):
+      stop = start + self._shards[n].rows
+      inside = np.flatnonzero((indices >= start) & (indices < stop))
+      if len(inside):
+        out[inside] = self._embeddings(n)[np.sort(indices[inside]) - start][
+            np.argsort(np.argsort(indices[inside]))]
+      start = stop
+    return out
 
   def load(self) -> np.ndarray:
     """Every embedding as one [len, dim] array in memory, in `ids` order."""
@@ -198,6 +217,14 @@ class Collection:
             f"with the same config to write it again.")
       self._ids[n] = ids
     return self._ids[n]
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+  """The parts as one array; empties the list, so that a generator yielding the
+  result keeps no copy of its rows while the consumer holds them."""
+  out = np.concatenate(parts)
+  parts.clear()
+  return out
 
 
 def open_collection(directory: str | os.PathLike,
