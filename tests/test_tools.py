@@ -91,3 +91,30 @@ def test_build_index_tunes_on_the_evaluation_queries_and_shards(tmp_path):
   assert {s.tuning.note for s in index.shards} == {
       "tuned across the shards, on the catalogue's exact top k"}
   assert len({s.settings.reorder_num_neighbors for s in index.shards}) == 1
+
+
+def test_build_index_partitions_by_similarity(tmp_path):
+  """--shard_by=similarity: shards that follow the data's groups, tuned as a
+  whole on the file's queries, so a query searches fewer than all shards."""
+  rng = np.random.default_rng(1)
+  groups = rng.standard_normal((8, 64)).astype(np.float32) * 3
+  centres = groups[rng.integers(0, 8, 400)] + rng.standard_normal(
+      (400, 64)).astype(np.float32)
+  gallery = centres[rng.integers(0, 400, 20000)] + 0.7 * rng.standard_normal(
+      (20000, 64)).astype(np.float32)
+  ids = np.array([f"WOMEN/id_{i:05d}" for i in range(20000)])
+  queries = gallery[:400] + 0.3 * rng.standard_normal((400, 64)).astype(
+      np.float32)
+  np.savez(tmp_path / "emb.npz", gallery=gallery, gallery_ids=ids, q=queries)
+  out = _run(["tools/build_index.py", f"--embeddings={tmp_path / 'emb.npz'}",
+              "--shard_rows=3000", "--shard_by=similarity",
+              "--nofresh_process_per_shard", f"--out={tmp_path / 'index'}"])
+  assert "partitioned by similarity: each query searches the" in out, out
+
+  from procir_jax.eval import search
+  index = search.load_index(tmp_path / "index")
+  assert index.partitioned and len(index.shards) == 8  # ceil(23000 / 3000)
+  assert index.shards_to_search < 8 and index.tuned_recall >= 0.95
+  assert sorted(index.ids) == sorted(ids.tolist())
+  found = index.search_ids(gallery[1000:1010], 1)[0]
+  assert [row[0] for row in found] == ids[1000:1010].tolist()

@@ -25,10 +25,24 @@ A ScaNN index is tuned at build time to return, on held-out queries, a share
 the embeddings file holds them, or --tuning_queries=<npy> (--tune_on=auto), else
 gallery rows plus noise. The tool prints the recall reached, the settings chosen and
 the memory per vector. --shard_rows=N builds one index per N rows (a sharded index,
-searched as one); each shard is saved as soon as it is built. With tuning queries,
-the shards are then tuned together on the whole catalogue's exact top 10 (a second
-pass over the embeddings); without, each shard tunes on its own rows, which asks
-for more than the merged search needs when the catalogue is split at random.
+searched as one); each shard is built in a fresh child process and saved as soon as
+it is built. With tuning queries, the shards are then tuned together on the whole
+catalogue's exact top 10 (a second pass over the embeddings); without, each shard
+tunes on its own rows, which asks for more than the merged search needs when the
+catalogue is split at random.
+
+--shard_by=similarity partitions the catalogue instead: one k-means centre per shard
+(fitted on a sample), each row to the nearest shard with room (shards of at most
+--shard_rows rows, 15% more shards than the rows need), in one pass that also finds
+the tuning queries' exact top 10; then, with tuning queries, the whole index is tuned
+and each query searches only the shards nearest it:
+
+  python tools/build_index.py --embeddings=workdir/base/embeddings/catalogue \
+      --shard_rows=500000 --shard_by=similarity --tuning_queries=queries.npy \
+      --out=workdir/base/index/catalogue
+
+The pass writes each shard's rows to a scratch directory inside --out (free disk about
+the size of the embeddings), and deletes them as the shards are built.
 """
 
 import os
@@ -62,6 +76,16 @@ _TUNE_ON = flags.DEFINE_enum("tune_on", "auto", ["auto", "queries", "gallery"],
                              "ScaNN tuning queries: the embeddings file's queries "
                              "(q, or --tuning_queries), gallery rows plus noise, or "
                              "auto: queries when there are some.")
+_SHARD_BY = flags.DEFINE_enum(
+    "shard_by", "order", ["order", "similarity"], "With --shard_rows: shards of "
+    "consecutive rows (order), or a partition by similarity (each row to the shard "
+    "of its nearest k-means centre, so that with --tuning_queries each query "
+    "searches only the shards nearest it; needs free disk about the size of the "
+    "embeddings, for one pass that sorts the rows into their shards).")
+_FRESH_PROCESSES = flags.DEFINE_bool(
+    "fresh_process_per_shard", True, "Build each shard in a fresh child process, "
+    "which gives its memory back when it exits (a long-lived process keeps part of "
+    "each ScaNN build's).")
 _TUNING_QUERIES = flags.DEFINE_string(
     "tuning_queries", None, "A .npy of float [Q, D] queries to tune ScaNN on, in "
     "place of the embeddings file's q (a collection has none).")
@@ -124,10 +148,16 @@ def main(argv):
     raise app.UsageError("Pass --embeddings=<npz>, or --config and --workdir.")
   shard_rows = _SHARD_ROWS.value
   if shard_rows and len(ids) > shard_rows:
-    index = _build_sharded(lambda: ((embeddings[i:i + shard_rows],
-                                     ids[i:i + shard_rows])
-                                    for i in range(0, len(ids), shard_rows)),
-                           _tuning_queries(queries))
+    blocks = lambda: ((ids[i:i + shard_rows], embeddings[i:i + shard_rows])
+                      for i in range(0, len(ids), shard_rows))
+    if _SHARD_BY.value == "similarity":
+      rows = np.random.default_rng(0).choice(
+          len(ids), min(len(ids), _sample_size(len(ids))), replace=False)
+      index = _build_partitioned(blocks, len(ids), embeddings.shape[1],
+                                 embeddings.dtype, embeddings[np.sort(rows)],
+                                 _tuning_queries(queries))
+    else:
+      index = _build_sharded(blocks, _tuning_queries(queries))
     path = _OUT.value
   else:
     index = search.build_index(embeddings, ids, **_build_kwargs(
@@ -144,30 +174,63 @@ def _build_kwargs(tuning_queries):
               if _BACKEND.value == "scann" else None)
 
 
-def _build_sharded(parts, tuning_queries):
-  """One index per part of `parts()` (each saved as soon as it is built).
+def _build_sharded(blocks, tuning_queries):
+  """One index per block of `blocks()` (each saved as soon as it is built).
 
   With tuning queries, the ScaNN shards are tuned together on the whole
-  catalogue's exact top 10 (`ShardedIndex.tune`; the exact pass reads the parts
+  catalogue's exact top 10 (`ShardedIndex.tune`; the exact pass reads the blocks
   again); without, each shard tunes on its own rows plus noise.
   """
   kwargs = _build_kwargs(tuning_queries)
   together = _BACKEND.value == "scann" and kwargs["tuning_queries"] is not None
   if together:
-    kwargs.update(tuning_queries=None, settings=dict(target_recall=None))
+    kwargs.update(tuning_queries=None,
+                  settings=search.untuned_shard_settings(kwargs["settings"]))
   # Each shard is saved as soon as it is built and then freed.
-  index = search.build_sharded_index(parts(), directory=_OUT.value, **kwargs)
+  index = search.build_sharded_index(
+      _rows_first(blocks()), directory=_OUT.value,
+      fresh_processes=_FRESH_PROCESSES.value, **kwargs)
   if together:
     queries = search.l2_normalize(tuning_queries)
     # In small blocks: the loaded index is in memory, and a whole part's scores
     # (queries x rows) and their sort would be gigabytes more.
     rows = tuning.EXACT_BLOCK_ROWS
     exact, _ = tuning.exact_top_k_blocks(
-        (search.l2_normalize(emb[i:i + rows]) for emb, _ in parts()
+        (search.l2_normalize(emb[i:i + rows]) for _, emb in blocks()
          for i in range(0, len(emb), rows)), queries, tuning.RECALL_K)
     index.tune(queries, exact, _TARGET_RECALL.value)
     index.save_settings(_OUT.value)
   return index
+
+
+def _rows_first(blocks):
+  """(rows, ids) of each (ids, rows) block, holding no reference to a block once
+  it is given (a shard's rows are freed while its child process builds it)."""
+  blocks = iter(blocks)
+  while True:
+    try:
+      yield _swap(next(blocks))
+    except StopIteration:
+      return
+
+
+def _swap(pair):
+  return pair[1], pair[0]
+
+
+def _sample_size(count: int) -> int:
+  return search.partition.sample_size(
+      search.partition.num_parts(count, _SHARD_ROWS.value))
+
+
+def _build_partitioned(blocks, count, dim, dtype, sample, tuning_queries):
+  """Shards partitioned by similarity (`search.build_partitioned_index`): with
+  tuning queries, tuned as a whole, each query searching the nearest shards."""
+  kwargs = _build_kwargs(tuning_queries)
+  return search.build_partitioned_index(
+      blocks, count=count, dim=dim, capacity=_SHARD_ROWS.value,
+      directory=_OUT.value, sample=sample, storage_dtype=dtype,
+      fresh_processes=_FRESH_PROCESSES.value, **kwargs)
 
 
 def _from_collection(directory: str) -> None:
@@ -179,9 +242,14 @@ def _from_collection(directory: str) -> None:
   coll = collection_lib.open_collection(directory)
   tuning_queries = _tuning_queries(None)
   if _SHARD_ROWS.value and len(coll) > _SHARD_ROWS.value:
-    index = _build_sharded(
-        lambda: ((emb, ids) for ids, emb in coll.iter_blocks(_SHARD_ROWS.value)),
-        tuning_queries)
+    blocks = lambda: coll.iter_blocks(_SHARD_ROWS.value)
+    if _SHARD_BY.value == "similarity":
+      sample = coll.rows(np.random.default_rng(0).choice(
+          len(coll), min(len(coll), _sample_size(len(coll))), replace=False))
+      index = _build_partitioned(blocks, len(coll), coll.dim, coll.dtype, sample,
+                                 tuning_queries)
+    else:
+      index = _build_sharded(blocks, tuning_queries)
     path = _OUT.value
   else:
     index = search.build_index(coll.load().astype(np.float32), coll.ids,

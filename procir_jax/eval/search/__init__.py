@@ -16,7 +16,9 @@ product with each query":
   queries (`tuning`); `index.tuned_recall` is what was reached.
 - `ShardedIndex`: shards (each exact or ScaNN, over a disjoint part of the
   catalogue) searched together and merged, for catalogues that are built a
-  part at a time (`build_sharded_index`).
+  part at a time: in the catalogue's order (`build_sharded_index`), or
+  partitioned by similarity so that a query searches only the shards nearest
+  it (`build_partitioned_index`).
 
 Both return `(indices, scores)`: int64 `[Q, k]` rows into the gallery and
 float32 `[Q, k]` dot products, sorted by descending score with ties broken by
@@ -41,8 +43,9 @@ A sharded index is a directory of such directories plus a manifest (see
   ids, scores = index.search_ids(queries, k=10)
 
 The package: `base` (the interface and the on-disk format), `exact`, `scann_index`,
-`tuning`, `sharded`, and here the entry points, `build_index`,
-`build_sharded_index` and `load_index`.
+`tuning`, `sharded` (the index), `partition` (routing rows to shards by
+similarity), `sharded_build`, and here the entry points, `build_index`,
+`build_sharded_index`, `build_partitioned_index` and `load_index`.
 """
 
 from __future__ import annotations
@@ -55,15 +58,19 @@ from procir_jax.eval.search.exact import ExactSearch
 from procir_jax.eval.search.scann_index import (SCANN_MODES, SEARCH_TIME_SETTINGS,
                                                 ScannSearch, ScannSettings,
                                                 available_cores)
-from procir_jax.eval.search.sharded import (SHARDED_BACKEND, ShardedIndex,
-                                            build_sharded_index)
+from procir_jax.eval.search.sharded import SHARDED_BACKEND, ShardedIndex
+from procir_jax.eval.search import partition
+from procir_jax.eval.search.sharded_build import (build_partitioned_index,
+                                                  build_sharded_index,
+                                                  untuned_shard_settings)
 from procir_jax.eval.search.tuning import Tuning
 
 __all__ = ["BACKENDS", "EMBEDDINGS_FILE", "FORMAT", "FORMAT_VERSION", "IDS_FILE",
            "INDEX_FILE", "SCANN_DIR", "SCANN_MODES", "SEARCH_TIME_SETTINGS",
            "SHARDED_BACKEND", "ExactSearch", "ScannSearch", "ScannSettings",
            "SearchIndex", "ShardedIndex", "Tuning", "available_cores",
-           "build_index", "build_sharded_index", "l2_normalize", "load_index",
+           "build_index", "build_partitioned_index", "build_sharded_index",
+           "partition", "untuned_shard_settings", "l2_normalize", "load_index",
            "read_metadata"]
 
 
