@@ -56,6 +56,11 @@ Data (`--data`):
             weakly tied to any leaf: at 100K x 1024, ScaNN searching 3% of its
             leaves finds 71% of them here (100% on `clusters`), and needs 90%
             of its leaves for 0.99; HNSW finds 99% with ef=76.
+  categories  `clusters`, whose centres gather in 50 categories (each centre
+            at spread 1 from a random category centre), as products gather
+            in categories: a catalogue with coarse structure, which an index
+            split by similarity across shards can follow (bench.search_catalogue
+            --shard_by=similarity).
   procir    real ProCIR embeddings: `--embeddings` names one or more .npz files
             with `gallery` and `q` arrays (what `python -m procir_jax.main`
             writes to <workdir>/eval/embeddings/<dataset>.npz); the galleries are
@@ -135,6 +140,8 @@ PEERS = ("faiss_ivfpq", "faiss_hnsw", "hnswlib")
 DISTRIBUTIONS = {
     "clusters": dict(rows_per_cluster=100, spread=1.0, query_noise=0.5),
     "overlap": dict(rows_per_cluster=20, spread=1.5, query_noise=1.0),
+    "categories": dict(rows_per_cluster=100, spread=1.0, query_noise=0.5,
+                       categories=50, category_spread=1.0),
 }
 # Ladders: the main knob grows by KNOB_RATIO per step; the candidates rescored
 # exactly (ScaNN's reorder, FAISS's k_factor) take these multiples of k.
@@ -153,10 +160,21 @@ def unit(x):
   return x
 
 
-def make_data(num, dim, clusters, queries, spread, query_noise, seed):
+def cluster_centres(rng, clusters, dim, categories=0, category_spread=1.0):
+  """Unit cluster centres: random, or scattered around `categories` random
+  category centres (`categories`)."""
+  if not categories:
+    return unit(rng.standard_normal((clusters, dim), dtype=np.float32))
+  tops = unit(rng.standard_normal((categories, dim), dtype=np.float32))
+  return scatter(tops[rng.integers(0, categories, clusters)], category_spread,
+                 rng)
+
+
+def make_data(num, dim, clusters, queries, spread, query_noise, seed,
+              categories=0, category_spread=1.0):
   """Clustered unit gallery [num, dim] and queries near gallery points."""
   rng = np.random.default_rng(seed)
-  centres = unit(rng.standard_normal((clusters, dim), dtype=np.float32))
+  centres = cluster_centres(rng, clusters, dim, categories, category_spread)
   assign = rng.integers(0, clusters, num)
   gallery = np.empty((num, dim), np.float32)
   step = 65536  # Bounded temporaries at 1M rows.
@@ -678,8 +696,9 @@ def main(argv=None):
     spread = dist["spread"] if args.spread is None else args.spread
     noise = dist["query_noise"] if args.query_noise is None else args.query_noise
     clusters = args.clusters or max(1, args.num // dist["rows_per_cluster"])
-    gallery, queries, origin = make_data(args.num, args.dim, clusters,
-                                         args.queries, spread, noise, args.seed)
+    gallery, queries, origin = make_data(
+        args.num, args.dim, clusters, args.queries, spread, noise, args.seed,
+        dist.get("categories", 0), dist.get("category_spread", 1.0))
     data_desc = (f"{args.data}: {args.num} x {args.dim} gallery in {clusters} "
                  f"clusters (spread {spread}), {args.queries} queries (noise "
                  f"{noise})")

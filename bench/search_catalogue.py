@@ -27,6 +27,11 @@ a step), so an interrupted run goes on where it stopped.
   # 10M x 1024: about 20 GB of disk for the collection and 13 GB for the index.
   python -m bench.search_catalogue --workdir=/tmp/catalogue_10m --num=10000000
 
+  # The catalogue partitioned by similarity across its shards (the build needs about
+  # the collection's size again of scratch disk), on data with categories.
+  python -m bench.search_catalogue --workdir=/tmp/categories_1m --num=1000000 \
+      --data=categories --shard_rows=250000 --shard_by=similarity
+
 The table's B/vec is the float16 rows on disk for exact search and the index's
 memory per vector for ScaNN. Timings are wall-clock on whatever else the machine
 runs; memory is each child's peak resident set (ru_maxrss), page cache not
@@ -84,8 +89,9 @@ def write_data(args, where: pathlib.Path) -> None:
   dist = search_bench.DISTRIBUTIONS[args.data]
   clusters = args.clusters or max(1, args.num // dist["rows_per_cluster"])
   rng = np.random.default_rng(args.seed)
-  centres = search_bench.unit(rng.standard_normal((clusters, args.dim),
-                                                 dtype=np.float32))
+  centres = search_bench.cluster_centres(rng, clusters, args.dim,
+                                        dist.get("categories", 0),
+                                        dist.get("category_spread", 1.0))
   origin = np.sort(rng.choice(args.num, args.queries, replace=False))
   targets = np.empty((args.queries, args.dim), np.float32)
 
@@ -123,13 +129,8 @@ def write_tuning_queries(args, where: pathlib.Path) -> pathlib.Path:
   coll = collection_lib.open_collection(where / "collection")
   rng = np.random.default_rng(args.seed + 1)
   rows = np.sort(rng.choice(len(coll), args.tuning_queries, replace=False))
-  targets, start = [], 0
-  for _, emb in coll.iter_shards():
-    inside = rows[(rows >= start) & (rows < start + len(emb))]
-    targets.append(np.asarray(emb[inside - start], np.float32))
-    start += len(emb)
   noise = search_bench.DISTRIBUTIONS[args.data]["query_noise"]
-  np.save(path, search_bench.scatter(np.concatenate(targets), noise, rng))
+  np.save(path, search_bench.scatter(coll.rows(rows), noise, rng))
   return path
 
 
@@ -141,7 +142,8 @@ def build(args, where: pathlib.Path) -> dict:
     return json.loads(record.read_text())
   cmd = [sys.executable, "tools/build_index.py",
          f"--embeddings={where / 'collection'}", f"--shard_rows={args.shard_rows}",
-         f"--target_recall={args.target_recall}", f"--out={out}"]
+         f"--target_recall={args.target_recall}", f"--shard_by={args.shard_by}",
+         f"--out={out}"]
   if args.tuning_queries:
     cmd.append(f"--tuning_queries={write_tuning_queries(args, where)}")
   _log("build: " + " ".join(cmd))
@@ -181,7 +183,9 @@ def serve(where: pathlib.Path, k: int, repeats: int) -> None:
   load_s = time.perf_counter() - start
   index.search(queries[:256], k)  # warm-up
   seconds, (found, _) = timed(lambda: index.search(queries, k), iters=repeats)
-  np.save(where / "found.npy", found)
+  # As ids: a partitioned index numbers its rows in its own order.
+  np.save(where / "found_ids.npy",
+          np.array([[index.ids[i] if i >= 0 else "" for i in row] for row in found]))
   result = dict(load_s=load_s, qps=len(queries) / seconds,
                 bytes_per_vector=index.bytes_per_vector,
                 memory_per_vector=index.memory_per_vector(),
@@ -204,6 +208,8 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=10)
   p.add_argument("--shard_rows", type=int, default=500_000,
                  help="rows per index shard")
+  p.add_argument("--shard_by", choices=("order", "similarity"), default="order",
+                 help="tools/build_index.py's --shard_by")
   p.add_argument("--collection_shard_rows", type=int, default=100_000,
                  help="rows per collection shard file")
   p.add_argument("--target_recall", type=float, default=0.95)
@@ -236,8 +242,11 @@ def main(argv=None):
   if child.returncode:
     raise SystemExit(f"serving failed (status {child.returncode})")
   served = json.loads((where / "serve.json").read_text())
-  found = np.load(where / "found.npy")
-  got = recall.mean_overlap(found, truth["indices"], args.k)
+  found = np.load(where / "found_ids.npy")
+  ids = collection_lib.open_collection(where / "collection").ids
+  exact_ids = np.array([[ids[i] for i in row] for row in truth["indices"]])
+  del ids
+  got = recall.mean_overlap(found, exact_ids, args.k)
 
   machine = _machine_gib()
   _log("")

@@ -61,6 +61,7 @@ def test_every_distribution_runs(tmp_path, capsys):
       "overlap": ["--data=overlap", "--scann=mode=tree_ah",
                   "--scann=num_leaves=8", "--scann=min_partition_size=10"],
       "procir": ["--data=procir", "--embeddings", *npz],
+      "categories": ["--data=categories"],
   }
   for name, flags in runs.items():
     out_json = tmp_path / f"{name}.json"
@@ -106,3 +107,18 @@ def test_catalogue_benchmark_runs_and_resumes(tmp_path, capsys):
   for step in ("data", "build", "exact"):
     assert f"{step}: kept" in out, out
   assert again["recall"] == result["recall"]
+
+
+def test_catalogue_benchmark_partitioned_by_similarity(tmp_path, capsys):
+  """--shard_by=similarity on data with categories: the shards follow them, and
+  the tuned index searches fewer shards than it has at the target recall."""
+  from bench import search_catalogue
+  result = search_catalogue.main([
+      f"--workdir={tmp_path}", "--num=4000", "--dim=32", "--queries=200",
+      "--data=categories", "--clusters=200", "--shard_rows=1000",
+      "--collection_shard_rows=1500", "--shard_by=similarity", "--repeats=1"])
+  out = capsys.readouterr().out
+  assert result["serve"]["shards"] == 5, out  # ceil(4000 * 1.15 / 1000)
+  assert "partitioned by similarity: each query searches the" in out
+  assert "searches the 5 of 5" not in out
+  assert result["recall"] >= 0.95, out
