@@ -39,7 +39,10 @@ Memory, measured at 10M x 1024 in 500K-row shards from a float16 collection
   22 GB. A process that builds shard after shard keeps part of each build's
   memory: after 20 builds, loading the finished index beside it went over
   24 GB, where a fresh process needs 14.15 GiB. So `tools/build_index.py`
-  builds each shard in a fresh child process (`fresh_processes=True`).
+  builds each shard in a fresh child process (`fresh_processes=True`); its own
+  process then loads the index and tunes it, which at 10M peaked at 20.7 GiB
+  (the loaded index, the collection's ids and the exact pass, which read
+  500K-row blocks then and reads 16K-row blocks now).
 - Building without a directory keeps every finished shard in memory as well
   next to the shard being built.
 """
