@@ -142,7 +142,8 @@ def test_shards_built_in_fresh_processes_equal_shards_built_here(tmp_path):
   rng = np.random.default_rng(3)
   gallery = _catalogue(rng, 600, 8, 2, 5)
   ids = [f"p{i}" for i in range(600)]
-  parts = lambda: ((gallery[i:i + 300], ids[i:i + 300]) for i in (0, 300))
+  def parts():
+    return ((gallery[i:i + 300], ids[i:i + 300]) for i in (0, 300))
   here = search.build_sharded_index(parts(), backend="exact",
                                     directory=tmp_path / "here")
   child = search.build_sharded_index(parts(), backend="exact",

@@ -148,8 +148,9 @@ def main(argv):
     raise app.UsageError("Pass --embeddings=<npz>, or --config and --workdir.")
   shard_rows = _SHARD_ROWS.value
   if shard_rows and len(ids) > shard_rows:
-    blocks = lambda: ((ids[i:i + shard_rows], embeddings[i:i + shard_rows])
-                      for i in range(0, len(ids), shard_rows))
+    def blocks():
+      return ((ids[i:i + shard_rows], embeddings[i:i + shard_rows])
+              for i in range(0, len(ids), shard_rows))
     if _SHARD_BY.value == "similarity":
       rows = np.random.default_rng(0).choice(
           len(ids), min(len(ids), _sample_size(len(ids))), replace=False)
@@ -244,7 +245,8 @@ def _from_collection(directory: str) -> None:
   coll = collection_lib.open_collection(directory)
   tuning_queries = _tuning_queries(None)
   if _SHARD_ROWS.value and len(coll) > _SHARD_ROWS.value:
-    blocks = lambda: coll.iter_blocks(_SHARD_ROWS.value)
+    def blocks():
+      return coll.iter_blocks(_SHARD_ROWS.value)
     if _SHARD_BY.value == "similarity":
       sample = coll.rows(np.random.default_rng(0).choice(
           len(coll), min(len(coll), _sample_size(len(coll))), replace=False))

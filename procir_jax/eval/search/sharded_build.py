@@ -21,7 +21,7 @@ import dataclasses
 import multiprocessing
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from absl import logging
 import numpy as np
