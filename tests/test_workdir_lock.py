@@ -180,3 +180,27 @@ def test_a_lock_kept_by_a_child_of_a_dead_run_says_so(tmp_path):
       workdir_lock.WorkdirLock(tmp_path, enabled=True).acquire()
   finally:
     os.kill(child, signal.SIGKILL)
+
+
+def test_a_refusal_waits_for_a_new_holder_to_write_its_details(tmp_path):
+  """A run refused just after another took the flock, before it wrote who it is,
+  still names it: the refusal reads the file again for a moment."""
+  path = tmp_path / workdir_lock.LOCK_NAME
+  holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, json, os, socket, sys, time
+fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(0.3)
+details = {{"host": socket.gethostname(), "pid": os.getpid()}}
+os.pwrite(fd, json.dumps(details).encode(), 0)
+time.sleep(5)
+"""], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=f"in use by PID {holder.pid} on host"):
+      workdir_lock.WorkdirLock(tmp_path, enabled=True).acquire()
+  finally:
+    holder.kill()
+    holder.wait()

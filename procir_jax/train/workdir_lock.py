@@ -35,10 +35,14 @@ import os
 import socket
 import sys
 import threading
+import time
 
 from absl import logging
 
 LOCK_NAME = ".procir.lock"
+# A holder writes its details just after it takes the flock: a refusal that finds
+# the file still empty reads it again for up to this long, to name the holder.
+HOLDER_DETAILS_WAIT_S = 1.0
 
 # Locks this process holds, by path: taking one again nests instead of refusing
 # ourselves (flock locks belong to an open file, not to a process).
@@ -153,7 +157,8 @@ class WorkdirLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise WorkdirLockedError(self._refusal(_read(fd), running=True)) from None
+      raise WorkdirLockedError(
+          self._refusal(_holder_details(fd), running=True)) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
         raise
@@ -202,6 +207,17 @@ class WorkdirLock:
             f"workdir any more (that run died without releasing it), delete "
             f"{self.path} and rerun; otherwise wait for that run to end or pass "
             f"another --workdir.")
+
+
+def _holder_details(fd: int) -> dict:
+  """The details of the process that holds the flock, waiting up to
+  HOLDER_DETAILS_WAIT_S for a holder that has just taken it to write them."""
+  deadline = time.monotonic() + HOLDER_DETAILS_WAIT_S
+  while True:
+    details = _read(fd)
+    if details or time.monotonic() >= deadline:
+      return details
+    time.sleep(0.02)
 
 
 def _read(fd: int) -> dict:
