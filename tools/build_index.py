@@ -152,10 +152,9 @@ def main(argv):
       return ((ids[i:i + shard_rows], embeddings[i:i + shard_rows])
               for i in range(0, len(ids), shard_rows))
     if _SHARD_BY.value == "similarity":
-      rows = np.random.default_rng(0).choice(
-          len(ids), min(len(ids), _sample_size(len(ids))), replace=False)
       index = _build_partitioned(blocks, len(ids), embeddings.shape[1],
-                                 embeddings.dtype, embeddings[np.sort(rows)],
+                                 embeddings.dtype,
+                                 embeddings[_sample_rows(len(ids))],
                                  _tuning_queries(queries))
     else:
       index = _build_sharded(blocks, _tuning_queries(queries))
@@ -221,9 +220,12 @@ def _swap(pair):
   return pair[1], pair[0]
 
 
-def _sample_size(count: int) -> int:
-  return search.partition.sample_size(
+def _sample_rows(count: int) -> np.ndarray:
+  """Sorted random rows of a catalogue of `count` to fit the partition on."""
+  size = search.partition.sample_size(
       search.partition.num_parts(count, _SHARD_ROWS.value))
+  return np.sort(np.random.default_rng(0).choice(count, min(count, size),
+                                                 replace=False))
 
 
 def _build_partitioned(blocks, count, dim, dtype, sample, tuning_queries):
@@ -248,9 +250,8 @@ def _from_collection(directory: str) -> None:
     def blocks():
       return coll.iter_blocks(_SHARD_ROWS.value)
     if _SHARD_BY.value == "similarity":
-      sample = coll.rows(np.random.default_rng(0).choice(
-          len(coll), min(len(coll), _sample_size(len(coll))), replace=False))
-      index = _build_partitioned(blocks, len(coll), coll.dim, coll.dtype, sample,
+      index = _build_partitioned(blocks, len(coll), coll.dim, coll.dtype,
+                                 coll.rows(_sample_rows(len(coll))),
                                  tuning_queries)
     else:
       # The exact pass reads small blocks: at 10M x 1024, reading it in shards

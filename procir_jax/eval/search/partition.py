@@ -118,6 +118,16 @@ def nearest_parts(rows: np.ndarray, centres: np.ndarray, count: int) -> np.ndarr
   return np.take_along_axis(top, order, axis=1)
 
 
+def positions_in_groups(groups: np.ndarray) -> np.ndarray:
+  """int [N]: how many earlier elements share each element's value (its
+  position among its group, in order)."""
+  first = np.argsort(groups, kind="stable")
+  ordered = groups[first]
+  positions = np.empty(len(groups), np.int64)
+  positions[first] = np.arange(len(groups)) - np.searchsorted(ordered, ordered)
+  return positions
+
+
 class Router:
   """Assigns rows to the nearest centre's shard that still has room.
 
@@ -149,13 +159,7 @@ class Router:
           break
         want = order[pending, rank]
         # The first rows (in row order) wanting each shard take its room.
-        room = self.capacity - self.counts
-        first = np.argsort(want, kind="stable")
-        sorted_want = want[first]
-        position = np.arange(len(first)) - np.searchsorted(sorted_want,
-                                                           sorted_want)
-        taken = np.zeros(len(pending), bool)
-        taken[first] = position < room[sorted_want]
+        taken = positions_in_groups(want) < (self.capacity - self.counts)[want]
         out[start + pending[taken]] = want[taken]
         np.add.at(self.counts, want[taken], 1)
         if rank:
@@ -245,11 +249,7 @@ class Split:
       before = files.counts.copy()
       parts = self.router.assign(rows)
       # Position of each row in its shard: after what it held, in row order.
-      first = np.argsort(parts, kind="stable")
-      rank = np.empty(len(parts), np.int64)
-      rank[first] = np.arange(len(parts)) - np.searchsorted(parts[first],
-                                                            parts[first])
-      self._placed.append((parts, before[parts] + rank))
+      self._placed.append((parts, before[parts] + positions_in_groups(parts)))
       files.append(block, list(ids), parts)
       yield rows
     files.close()

@@ -205,8 +205,7 @@ class ScannSettings:
         1, math.ceil(self.leaves_to_search_fraction * num_leaves))
     dtype = self.reorder_dtype
     if dtype == "auto":
-      dtype = ("bfloat16" if (self.target_recall or 0) > INT8_MAX_TARGET
-               else "int8")
+      dtype = auto_reorder_dtype(self.target_recall)
     return dataclasses.replace(
         self, mode=mode, num_leaves=num_leaves, reorder_dtype=dtype,
         leaves_to_search=min(leaves, num_leaves),
@@ -219,6 +218,12 @@ class ScannSettings:
       return min(num, self.tuning_sample_size)
     budget = int(EXACT_PASS_FLOPS / (2 * num * dimension))
     return min(num, AUTO_TUNING_QUERIES, max(MIN_AUTO_TUNING_QUERIES, budget))
+
+
+def auto_reorder_dtype(target_recall: float | None) -> str:
+  """What `reorder_dtype="auto"` rescores with for a target: int8 up to
+  `INT8_MAX_TARGET` (and without a target), bfloat16 above."""
+  return "bfloat16" if (target_recall or 0) > INT8_MAX_TARGET else "int8"
 
 
 def available_cores() -> int:

@@ -29,7 +29,8 @@ import numpy as np
 from procir_jax.eval.search import partition
 from procir_jax.eval.search import tuning as tuning_lib
 from procir_jax.eval.search.base import l2_normalize
-from procir_jax.eval.search.scann_index import INT8_MAX_TARGET, ScannSettings
+from procir_jax.eval.search.scann_index import (ScannSettings,
+                                                auto_reorder_dtype)
 from procir_jax.eval.search.sharded import (ShardedIndex, _check_unique,
                                             _shard_record, aggregate_tuning,
                                             shard_dir_name, shard_entry,
@@ -43,10 +44,9 @@ def untuned_shard_settings(settings) -> ScannSettings:
   their own, but the rescoring precision their target asks for (int8 caps
   recall@10 near 0.98)."""
   s = ScannSettings.from_config(settings)
-  target = s.target_recall or DEFAULT_TARGET
   dtype = s.reorder_dtype
   if dtype == "auto":
-    dtype = "bfloat16" if target > INT8_MAX_TARGET else "int8"
+    dtype = auto_reorder_dtype(s.target_recall)
   return dataclasses.replace(s, target_recall=None, reorder_dtype=dtype)
 
 
@@ -58,12 +58,12 @@ def _build_shard(embeddings, ids, build_kwargs, directory):
   if isinstance(embeddings, str):
     embeddings = np.load(embeddings, mmap_mode="r")
   index = build_index(embeddings, ids, **build_kwargs)
-  if directory is None:
-    return index, None
-  index.save(directory)
   info = dict(count=index.count, dimension=index.dimension,
               backend=index.backend, record=_shard_record(index),
               describe=index.describe())
+  if directory is None:
+    return index, info
+  index.save(directory)
   return None, info
 
 
@@ -174,8 +174,6 @@ def build_sharded_index(shards, backend: str = "scann", settings=None,
         raise ValueError(f"shard {number} (catalogue rows {offset} to "
                          f"{offset + rows - 1}): {e}") from e
       del shard_rows  # Frees the shard's rows before the next are read.
-      info = info or dict(count=index.count, dimension=index.dimension,
-                          describe=index.describe())
       if dimension is None:
         dimension = info["dimension"]
       elif info["dimension"] != dimension:
