@@ -246,7 +246,11 @@ def main(argv=None):
   ids = collection_lib.open_collection(where / "collection").ids
   exact_ids = np.array([[ids[i] for i in row] for row in truth["indices"]])
   del ids
-  got = recall.mean_overlap(found, exact_ids, args.k)
+  per_query = recall.overlaps(found, exact_ids, args.k)
+  got = float(per_query.mean())
+  # The queries are a sample: the error of their mean says how far the recall
+  # measured here may sit from the catalogue's.
+  stderr = float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
   machine = _machine_gib()
   _log("")
@@ -260,13 +264,16 @@ def main(argv=None):
        f"{served['qps']:>11.0f}{served['qps'] / exact_qps:>9.1f}"
        f"{served['bytes_per_vector']:>8.0f}{built['seconds'] / 60:>10.1f}"
        f"{built['peak_gib']:>10.1f}{served['peak_gib']:>10.1f}")
+  _log(f"recall@{args.k} {got:.4f} +/- {stderr:.4f} (one standard error over "
+       f"{queries} queries)")
   _log(f"build peak {built['peak_gib']:.1f} GiB, serving peak "
        f"{served['peak_gib']:.1f} GiB, machine {machine:.1f} GiB: "
        f"{'within' if max(built['peak_gib'], served['peak_gib']) < machine else 'over'}"
        " its memory")
   result = dict(num=args.num, dim=args.dim, data=args.data, queries=queries,
-                recall=got, qps=served["qps"], exact_qps=exact_qps, build=built,
-                serve=served, machine_gib=machine)
+                recall=got, recall_stderr=stderr, qps=served["qps"],
+                exact_qps=exact_qps, build=built, serve=served,
+                machine_gib=machine)
   (where / "result.json").write_text(json.dumps(result, indent=1))
   return result
 

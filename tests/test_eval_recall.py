@@ -149,6 +149,15 @@ def test_recall_percent_rounds_like_the_release():
   assert recall.recall_percent(5, 5) == 100.0
 
 
+def test_overlap_of_top_k_counts_shared_items_whatever_their_order():
+  approx = np.array([["a", "b", "c"], ["x", "y", "z"], ["c", "a", "q"]])
+  exact = np.array([["c", "b", "a"], ["a", "b", "c"], ["a", "c", "b"]])
+  np.testing.assert_allclose(recall.overlaps(approx, exact, 3), [1, 0, 2 / 3])
+  np.testing.assert_allclose(recall.overlaps(approx, exact, 1), [0, 0, 0])
+  assert recall.mean_overlap(approx, exact, 3) == pytest.approx(5 / 9)
+  assert np.isnan(recall.mean_overlap(approx[:0], exact[:0], 3))
+
+
 def test_unusable_inputs_fail_clearly():
   data = _tiny_deepfashion()
   data.target_ids = ["nope"] * 5

@@ -34,10 +34,20 @@ def _near(rng, gallery, num, noise):
 
 
 def _recall(index, gallery, queries):
+  """Each query's recall@10 of the exact top 10."""
   exact_indices, exact_scores = tuning.exact_top_k(gallery, queries, 10)
   found, _ = index.search(queries, 10)
-  return float(tuning.recall_of_exact(found, exact_indices, exact_scores,
-                                      gallery, queries).mean())
+  return tuning.recall_of_exact(found, exact_indices, exact_scores, gallery,
+                                queries)
+
+
+def assert_target_holds(recalls, target):
+  """A target met on the tuning sample holds on fresh queries up to the fresh
+  sample's own error: three standard errors of its mean (about 0.015 for 300
+  queries). ScaNN's k-means is multi-threaded, so a tree, and the setting tuned
+  on it, differ a little from run to run."""
+  margin = 3 * recalls.std(ddof=1) / np.sqrt(len(recalls))
+  assert recalls.mean() >= target - margin, (recalls.mean(), margin)
 
 
 def _reference(queries, gallery, k):
@@ -249,7 +259,7 @@ def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
   fixed = search.ScannSearch(gallery, settings=dict(mode="tree_ah",
                                                     target_recall=None))
   assert fixed.tuned_recall is None and fixed.tuning.target is None
-  assert _recall(fixed, gallery, queries) < 0.8  # The silent failure.
+  assert _recall(fixed, gallery, queries).mean() < 0.8  # The silent failure.
 
   index = search.ScannSearch(gallery, settings=dict(mode="tree_ah"))
   t = index.tuning
@@ -265,7 +275,7 @@ def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
       t.leaves_to_search, t.reorder_num_neighbors)
   assert s.leaves_to_search < s.num_leaves
   # Tuned on its own rows, it holds on queries it never saw.
-  assert _recall(index, gallery, queries) >= 0.95
+  assert_target_holds(_recall(index, gallery, queries), 0.95)
   # Fewer leaves or candidates than chosen miss the target on the sample.
   assert any(leaves < s.leaves_to_search and recall < 0.95
              for leaves, _, _, recall in t.evaluations)
@@ -291,7 +301,7 @@ def test_tuning_on_given_queries_and_kept_settings():
       tuning_queries=queries)
   assert index.tuning.queries == "given" and index.tuning.num_queries == 200
   assert index.tuning.noise_scale is None and index.tuned_recall >= 0.95
-  assert _recall(index, gallery, queries) >= 0.94
+  assert_target_holds(_recall(index, gallery, queries), 0.95)
   # A value given is kept and only measured.
   kept = search.ScannSearch(gallery, settings=dict(mode="ah",
                                                    reorder_num_neighbors=10))
@@ -391,7 +401,7 @@ def test_sharded_scann_index_reaches_the_target_and_moves(tmp_path):
   assert [s.backend for s in index.shards] == ["scann", "scann"]
   assert all(s.tuning.met for s in index.shards)
   assert index.tuned_recall >= 0.95
-  assert _recall(index, gallery, queries) >= 0.95
+  assert_target_holds(_recall(index, gallery, queries), 0.95)
   before = index.search_ids(queries, 10)
 
   shutil.move(str(directory), str(tmp_path / "moved"))
@@ -436,7 +446,7 @@ def test_sharded_index_tuned_across_shards_on_the_catalogue_top_10(tmp_path):
   # Fewer leaves fall short of the catalogue's top 10.
   assert any(leaves < t.leaves_to_search and recall < 0.95
              for leaves, _, _, recall in t.evaluations)
-  assert _recall(index, gallery, test_q) >= 0.93  # Held-out queries.
+  assert_target_holds(_recall(index, gallery, test_q), 0.95)  # Held out.
 
   searchers = sorted(directory.glob("*/scann/*"))
   mtimes = [p.stat().st_mtime_ns for p in searchers]

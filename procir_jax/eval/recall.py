@@ -297,14 +297,19 @@ def recall_percent(hits: int, num: int) -> float:
   return round(share * 100, 2)
 
 
+def overlaps(approx: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
+  """Each query's share of its exact top-k that the approximate top-k holds."""
+  k = min(k, exact.shape[1])
+  if k == 0:
+    return np.full(exact.shape[0], np.nan)
+  return np.array([len(set(a[:k].tolist()) & set(e[:k].tolist())) / k
+                   for a, e in zip(approx, exact)], dtype=np.float64)
+
+
 def mean_overlap(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
   """Mean share of each query's exact top-k that the approximate top-k holds."""
-  k = min(k, exact.shape[1])
-  if exact.shape[0] == 0 or k == 0:
-    return float("nan")
-  shared = [len(set(a[:k].tolist()) & set(e[:k].tolist()))
-            for a, e in zip(approx, exact)]
-  return float(np.mean(shared) / k)
+  shared = overlaps(approx, exact, k)
+  return float(shared.mean()) if shared.size else float("nan")
 
 
 @dataclasses.dataclass
