@@ -94,11 +94,14 @@ def get_config() -> ml_collections.ConfigDict:
   # "validation"): `shard_size` products per shard file, stored as `dtype` (float32
   # or float16), each process writing its own shards; rerunning finishes an
   # interrupted collection; read it with procir_jax.eval.collection.open_collection.
+  # Which record holds each product is read first, `key_block_records` records per
+  # block spread over the processes, and kept in <workdir>/product_keys/ for reruns.
   # collection "evaluation": the evaluation's galleries and queries (eval.split,
   # eval.sources) as <workdir>/embeddings/<source>.npz, as the evaluation writes them.
   c.embed = ml_collections.ConfigDict(dict(
       collection="products", split="validation", sources=(), data_dir="",
-      dataset="fashionmv/products", name="", shard_size=10000, dtype="float32"))
+      dataset="fashionmv/products", name="", shard_size=10000, dtype="float32",
+      key_block_records=250_000))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Several hosts (procir_jax/main.py, README "Sharding and hosts"): coordinator_address

@@ -6,6 +6,7 @@ config (`factories`) and runs: training stages, evaluation, embedding, export.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from absl import logging
@@ -16,7 +17,7 @@ import jax
 from procir_jax import factories
 from procir_jax import provision
 from procir_jax import sharding
-from procir_jax.data import fashionmv, pipeline
+from procir_jax.data import fashionmv, pipeline, product_keys
 from procir_jax.eval import encode as encode_lib
 from procir_jax.train import checkpoint as ckpt_lib
 from procir_jax.train import loop as loop_lib
@@ -212,13 +213,19 @@ def run_embed(config, workdir: str) -> None:
   if e.dtype not in collection_lib.DTYPES:
     raise ValueError(f"config.embed.dtype must be one of {collection_lib.DTYPES}, got "
                      f"{e.dtype!r}.")
-  if not isinstance(e.shard_size, int) or e.shard_size < 1:
-    raise ValueError(f"config.embed.shard_size must be a whole number of products "
-                     f">= 1, got {e.shard_size!r}.")
+  for field, unit in (("shard_size", "products"), ("key_block_records", "records")):
+    if not isinstance(e[field], int) or e[field] < 1:
+      raise ValueError(f"config.embed.{field} must be a whole number of {unit} "
+                       f">= 1, got {e[field]!r}.")
   sources = factories.config_names(e.sources)
   paths = provision.prepare(config, workdir)
   data_dir = e.data_dir or paths.data_dir
-  products = fashionmv.Products(data_dir, e.split, dataset=e.dataset)
+  # Every process reads a share of the records' keys, kept for reruns.
+  products = fashionmv.Products(
+      data_dir, e.split, dataset=e.dataset, keys=functools.partial(
+          product_keys.shared_scan, block_records=e.key_block_records,
+          directory=paths.workdir / "product_keys" /
+          f"{e.dataset.replace('/', '_')}-{e.split}"))
   keys = products.keys()
   absent = [s for s in sources if not any(k[0] == s for k in keys)]
   if absent:

@@ -148,7 +148,7 @@ def test_two_processes_write_disjoint_shards_like_one(setup, tmp_path):
   port = _free_port()
   flags = {**_overrides(data_dir, model_dir), "embed.sources": ",".join(_SOURCES),
            "distributed.coordinator_address": f"127.0.0.1:{port}",
-           "distributed.num_processes": 2}
+           "distributed.num_processes": 2, "embed.key_block_records": 20}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "procir_jax.main", "--config=configs/base.py",
        f"--workdir={tmp_path / 'work'}", "--config.mode=embed",
@@ -167,6 +167,10 @@ def test_two_processes_write_disjoint_shards_like_one(setup, tmp_path):
   assert writers == {"shard-00000-of-00004": (0, 1), "shard-00001-of-00004": (0, 2),
                      "shard-00002-of-00004": (1, 2), "shard-00003-of-00004": (0, 2)}
   assert _mtimes(out_dir, "shard-00000-of-00004") == first
+  # The products' keys were read in blocks of 20 records, shared by the processes.
+  keys = tmp_path / "work" / "product_keys" / "fashionmv_products-validation"
+  assert sorted(p.name for p in keys.iterdir()) == [
+      f"keys-0000{n}-of-00003.jsonl" for n in range(3)]
   got = collection_lib.open_collection(out_dir)
   assert got.ids == ref.ids and got.fingerprint == ref.fingerprint
   np.testing.assert_allclose(got.load(), ref.load(), atol=2e-5)
@@ -204,6 +208,7 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(setup, tmp_path,
                            r"embed mode with the same config"):
     collection_lib.open_collection(out_dir)
   first = _mtimes(out_dir, "shard-00000-of-00004")
+  keys = _mtimes(workdir / "product_keys" / "fashionmv_products-validation", "keys-*")
 
   encoded = []
   embed_local = encode_lib.Encoder.embed_local
@@ -217,6 +222,9 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(setup, tmp_path,
   modes.run_embed(config, str(workdir))
   # The finished shard was neither encoded nor written again; the rest once each.
   assert _mtimes(out_dir, "shard-00000-of-00004") == first
+  # Nor were the products' keys read again.
+  assert _mtimes(workdir / "product_keys" / "fashionmv_products-validation",
+                 "keys-*") == keys and len(keys) == 1
   assert len(encoded) == len(set(encoded)) == 28 - 8
   got = collection_lib.open_collection(out_dir)
   ref = collection_lib.open_collection(ref_dir)

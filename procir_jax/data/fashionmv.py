@@ -8,8 +8,9 @@ index never decodes an image, and no TensorFlow is imported at read time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import numpy as np
@@ -19,6 +20,8 @@ from tensorflow_datasets.core import example_parser
 import tfds_fashionmv  # noqa: F401  (registers the fashionmv builder)
 
 ProductKey = tuple[str, str]  # (source, product_id)
+KEY_FEATURES = ("source", "product_id")
+_KEY_BATCH = 1024  # records per read when only keys are wanted
 
 
 def _text(value: Any) -> str:
@@ -73,13 +76,30 @@ class _RawSource:
           f"--data_dir={data_dir}") from e
     info = tfds.builder(name, data_dir=data_dir).info
     features, self.version = info.features, info.version
-    self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
+    # What was built: the split's shard lengths and bytes, the build report.
+    self.info_sha256 = hashlib.sha256(info.as_json.encode()).hexdigest()
+    serialized = features.get_serialized_info()
+    self._parser = example_parser.ExampleParserNp(serialized)
+    self._key_parser = example_parser.ExampleParserNp(
+        {k: serialized[k] for k in KEY_FEATURES if k in serialized})
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._parser.parse_example(self._source[index])
+
+  def keys(self, start: int, stop: int) -> list[ProductKey]:
+    """The (source, product_id) of records [start, stop), read in batches and
+    parsed for those two features alone."""
+    keys = []
+    for first in range(start, stop, _KEY_BATCH):
+      records = self._source.__getitems__(
+          list(range(first, min(first + _KEY_BATCH, stop))))
+      for record in records:
+        parsed = self._key_parser.parse_example(record)
+        keys.append((_text(parsed["source"]), _text(parsed["product_id"])))
+    return keys
 
 
 # The features a products dataset needs: `fashionmv/products`, or a catalogue packaged
@@ -116,17 +136,29 @@ class Products:
   """
 
   def __init__(self, data_dir: str, split: str,
-               dataset: str = "fashionmv/products"):
+               dataset: str = "fashionmv/products",
+               keys: Callable[[_RawSource], Sequence[ProductKey]] | None = None):
+    """`keys`, given the raw records, returns the key of every record in record
+    order (`product_keys.shared_scan` spreads that read over the processes and
+    keeps it for reruns); by default this process reads them all."""
     self.split, self.dataset = split, dataset
     if dataset != "fashionmv/products":
       _check_products_dataset(dataset, data_dir, split)
     self._raw = _RawSource(dataset, split, data_dir)
     self.version = self._raw.version
     start = time.perf_counter()
+    record_keys = (keys(self._raw) if keys is not None
+                   else self._raw.keys(0, len(self._raw)))
+    if len(record_keys) != len(self._raw):
+      raise ValueError(f"{len(record_keys)} keys for the {len(self._raw)} records "
+                       f"of {dataset} {split} in {data_dir}.")
     self._index: dict[ProductKey, int] = {}
-    for i in range(len(self._raw)):
-      record = self._raw[i]
-      self._index[(_text(record["source"]), _text(record["product_id"]))] = i
+    for i, key in enumerate(record_keys):
+      if self._index.setdefault(key, i) != i:
+        raise ValueError(
+            f"{dataset} {split} in {data_dir} holds product {key[1]!r} of {key[0]} "
+            f"twice (records {self._index[key]} and {i}): rebuild it with one "
+            f"example per product.")
     logging.info("Indexed %d %s products in %.1fs.", len(self._index), split,
                  time.perf_counter() - start)
 

@@ -36,11 +36,12 @@ import hashlib
 import json
 import os
 import pathlib
-import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
+
+from procir_jax import progress as progress_lib
 
 FORMAT = "procir-embedding-collection/1"
 MANIFEST = "manifest.json"
@@ -479,25 +480,6 @@ def _skipped(batch) -> dict[str, str]:
           for ids, error in zip(rows, meta["skipped"])}
 
 
-@dataclasses.dataclass
-class _Progress:
-  name: str
-  total: int  # rows this process has to encode
-  start: float = dataclasses.field(default_factory=time.perf_counter)
-  done: int = 0
-  last_log: float = dataclasses.field(default_factory=time.perf_counter)
-
-  def log(self, note: str = "", force: bool = False) -> None:
-    now = time.perf_counter()
-    if not force and now - self.last_log < 10.0:
-      return
-    self.last_log = now
-    rate = self.done / max(now - self.start, 1e-9)
-    logging.info("Embedding %s: %d/%d products on this process (%.1f/s, ETA %.0fs)%s",
-                 self.name, self.done, self.total, rate,
-                 (self.total - self.done) / max(rate, 1e-9), note)
-
-
 def _plan_writing(directory: pathlib.Path, ids: Sequence[str], empty: str,
                   **manifest_fields) -> tuple[dict, str | None]:
   """The manifest of a collection about to be written, and why the directory
@@ -585,8 +567,9 @@ def write_collection(directory: str | os.PathLike, ids: Sequence[str], records, 
                    lengths)
   loader = pipeline.make_loader("gallery", data_cfg, source, train=False)
   mine = [r[process] for r in rounds]
-  progress = _Progress(directory.name,
-                       sum(shards[n]["rows"] for n in mine if n is not None))
+  progress = progress_lib.Progress(
+      f"Embedding {directory.name}", "products",
+      sum(shards[n]["rows"] for n in mine if n is not None))
   batches = iter(loader)
   base = process * source.per_process
   for k, n in enumerate(mine):

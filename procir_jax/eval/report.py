@@ -30,11 +30,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from procir_jax import files
 from procir_jax.eval import recall
 from procir_jax.eval.pages import report_page
 
@@ -45,24 +45,6 @@ HTML_FILE = "report.html"
 EMBEDDINGS_DIR = "embeddings"
 NPZ_FORMAT_VERSION = 1
 _NPZ_KEYS = ("gallery_ids", "gallery", "source_ids", "target_ids", "q", "s")
-
-
-def _atomic_write(path: str, write) -> None:
-  # Write beside the target and rename, so a crash never leaves half a file.
-  folder = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    # mkstemp makes the file private; results are as readable as any file written.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _json_bytes(obj) -> bytes:
@@ -80,7 +62,7 @@ def _json_bytes(obj) -> bytes:
 
 def write_json(path, obj) -> str:
   path = os.fspath(path)
-  _atomic_write(path, lambda f: f.write(_json_bytes(obj)))
+  files.write_atomically(path, lambda f: f.write(_json_bytes(obj)))
   return path
 
 
@@ -99,7 +81,7 @@ def save_embeddings(path, data: recall.DatasetEmbeddings) -> str:
       skipped=np.asarray(data.skipped, dtype=str),
       texts=np.asarray(data.texts, dtype=str))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  _atomic_write(path, lambda f: np.savez(f, **arrays))
+  files.write_atomically(path, lambda f: np.savez(f, **arrays))
   return path
 
 
@@ -205,7 +187,7 @@ def write_html(out_dir, results: recall.EvalResults,
   """Writes report.html (see report_page.render for `views` and `options`)."""
   path = os.path.join(os.fspath(out_dir), HTML_FILE)
   page = report_page.render(results, data, views, **options)
-  _atomic_write(path, lambda f: f.write(page.encode()))
+  files.write_atomically(path, lambda f: f.write(page.encode()))
   return path
 
 
@@ -246,7 +228,7 @@ def write_report(out_dir, results: recall.EvalResults,
   paths["details"] = write_json(os.path.join(out_dir, DETAILS_FILE), details)
   table = format_table(results)
   paths["table"] = os.path.join(out_dir, TABLE_FILE)
-  _atomic_write(paths["table"], lambda f: f.write((table + "\n").encode()))
+  files.write_atomically(paths["table"], lambda f: f.write((table + "\n").encode()))
   if echo:
     print(table)
   # Last: the numbers are on disk even if a product's views fail to render.
