@@ -320,7 +320,8 @@ class Scann(Backend):
     self.build_s = time.perf_counter() - t0
     self.count = len(gallery)
     s = self.index.settings
-    self.mode, self.num_leaves = s.mode, s.num_leaves
+    self.mode, self.num_leaves, self.code_dims = (s.mode, s.num_leaves,
+                                                  s.dims_per_block)
     self.default = {"leaves": s.leaves_to_search, "reorder": s.reorder_num_neighbors}
 
   def describe(self):
@@ -342,7 +343,7 @@ class Scann(Backend):
       return "brute force"
     knobs = {"leaves": self.default["leaves"]} if self.mode == "tree_ah" else {}
     knobs["reorder"] = self.default["reorder"]
-    return _setting(knobs)
+    return f"{self.mode} {self.code_dims} dims/code {_setting(knobs)}"
 
   def search(self, queries, k, **knobs):
     names = {"leaves": "leaves_to_search", "reorder": "reorder_num_neighbors"}

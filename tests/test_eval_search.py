@@ -265,6 +265,7 @@ def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
   t = index.tuning
   assert t.met and t.target == 0.95 and index.tuned_recall >= 0.95
   assert t.queries == "gallery" and t.num_queries == 1000
+  assert not t.alternatives  # A mode was asked for.
   # Noise such that a query keeps about half of its row's top 10.
   assert 0.35 <= t.neighbours_kept <= 0.65 and t.noise_scale > 0
   pilot = sorted((float(norm), kept) for norm, kept in
@@ -290,6 +291,50 @@ def test_tuning_reaches_the_target_where_fixed_settings_do_not(tmp_path):
   assert meta["tuning"]["num_queries"] == 1000
   np.testing.assert_array_equal(loaded.search(queries, 10)[0],
                                 index.search(queries, 10)[0])
+
+
+def test_a_tree_that_searches_most_leaves_is_compared_with_flat_indexes(
+    tmp_path):
+  """Without clusters a tree must search most of its leaves: the auto index
+  also builds flat AH indexes, tunes them on the same queries, times those that
+  meet the target and keeps the fastest."""
+  rng = np.random.default_rng(8)
+  gallery = _unit(rng, 4000, 32)  # no clusters at all
+  queries = _near(rng, gallery, 300, 0.7)
+  settings = dict(brute_force_below=100, tree_from=1000)
+  index = search.ScannSearch(gallery, settings=settings)
+  t = index.tuning
+  assert t.met
+  compared = t.alternatives
+  assert [(a["mode"], a["dims_per_block"]) for a in compared] == [
+      ("tree_ah", 2), ("ah", 2), ("ah", 4)]
+  tree = compared[0]
+  assert tree["leaves_to_search"] >= 0.25 * 126  # round(2 sqrt(4000)) leaves
+  assert all(a["queries_per_s"] > 0 for a in compared if a["met"])
+  assert all(a["queries_per_s"] is None for a in compared if not a["met"])
+  kept = [a for a in compared if a["kept"]]
+  assert len(kept) == 1 and kept[0]["queries_per_s"] == max(
+      a["queries_per_s"] for a in compared if a["met"])
+  s = index.settings
+  assert (s.mode, s.dims_per_block, s.reorder_num_neighbors) == (
+      kept[0]["mode"], kept[0]["dims_per_block"],
+      kept[0]["reorder_num_neighbors"])
+  assert t.recall == kept[0]["recall"]
+  assert f"{s.dims_per_block} dims per code" in index.describe()
+  assert "the fastest of 3 indexes" in index.describe()
+  assert_target_holds(_recall(index, gallery, queries), 0.95)
+
+  loaded = search.load_index(index.save(tmp_path / "index"))
+  assert loaded.settings == s and loaded.tuning.alternatives == compared
+  np.testing.assert_array_equal(loaded.search(queries, 10)[0],
+                                index.search(queries, 10)[0])
+  # A mode asked for is kept, and clustered data keeps its tree.
+  asked = search.ScannSearch(gallery, settings=dict(settings, mode="tree_ah"))
+  assert asked.settings.mode == "tree_ah" and not asked.tuning.alternatives
+  clustered = search.ScannSearch(_clustered(rng, 4000, 32, 100, 0.3),
+                                 settings=settings)
+  assert clustered.settings.mode == "tree_ah"
+  assert not clustered.tuning.alternatives
 
 
 def test_tuning_on_given_queries_and_kept_settings():

@@ -60,6 +60,14 @@ RETIRED_SETTINGS = ("tuning_own_row_share",)
 AUTO_TUNING_QUERIES = 1000
 MIN_AUTO_TUNING_QUERIES = 400
 EXACT_PASS_FLOPS = 1e12
+# An index of mode "auto" whose tree must search this share of its leaves (or
+# that scores every row already) is compared with flat AH indexes of these code
+# sizes, tuned on the same queries, and the fastest that meets the target kept.
+# On 100K x 1024 overlapping clusters the tree needed 448 of 632 leaves (821
+# queries/s); flat AH with 4 dimensions per code needed none and rescored 750
+# candidates (1,680 queries/s), both at recall@10 of exact above 0.98.
+FLAT_FROM_LEAF_SHARE = 0.25
+FLAT_DIMS_PER_BLOCK = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +79,11 @@ class ScannSettings:
   uses.
 
   Attributes:
-    mode: "auto" (from the gallery size), "brute_force", "ah" (asymmetric
-      hashing + reordering) or "tree_ah" (partitioning + AH + reordering).
+    mode: "auto" (from the gallery size; with a target, an index that gains
+      little from its tree is also compared with flat AH indexes of
+      FLAT_DIMS_PER_BLOCK and the fastest kept), "brute_force", "ah"
+      (asymmetric hashing + reordering) or "tree_ah" (partitioning + AH +
+      reordering).
     brute_force_below: auto uses brute force for fewer gallery rows.
     tree_from: auto partitions galleries of at least this many rows.
     num_leaves: tree leaves; 0 gives round(LEAVES_PER_SQRT_N * sqrt(n)).
@@ -247,6 +258,17 @@ def _reorder_type(name: str):
           "int8": scann_builder.ReorderType.INT8}[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class _TuningSample:
+  """Tuning queries with their exact top 10, shared by the indexes compared."""
+
+  queries: np.ndarray
+  exact_indices: np.ndarray
+  exact_scores: np.ndarray
+  made: tuning_lib.Tuning  # how the queries were made
+  seconds: float  # making them and their exact pass
+
+
 class ScannSearch(SearchIndex):
   """ScaNN searcher over a product gallery.
 
@@ -266,7 +288,8 @@ class ScannSearch(SearchIndex):
   backend = "scann"
 
   def __init__(self, embeddings, ids=None, settings=None,
-               normalize: bool = False, tuning_queries=None):
+               normalize: bool = False, tuning_queries=None, *,
+               _sample: "_TuningSample | None" = None):
     embeddings, ids = _check_gallery(embeddings, ids, normalize)
     super().__init__(ids, embeddings.shape[1], normalize)
     requested = ScannSettings.from_config(settings)
@@ -282,7 +305,8 @@ class ScannSearch(SearchIndex):
           f"{embeddings.shape[0]} x {embeddings.shape[1]} embeddings ({e}); "
           "for small galleries use mode='brute_force'") from e
     self._searcher.set_num_threads(self.threads)
-    self.tuning = self._tune(embeddings, requested, tuning_queries)
+    self.tuning, sample = self._tune(embeddings, requested, tuning_queries,
+                                     _sample)
     if self.tuning.leaves_to_search or self.tuning.reorder_num_neighbors:
       self.settings = dataclasses.replace(
           self.settings,
@@ -290,6 +314,62 @@ class ScannSearch(SearchIndex):
                             or self.settings.leaves_to_search),
           reorder_num_neighbors=(self.tuning.reorder_num_neighbors
                                  or self.settings.reorder_num_neighbors))
+    if sample is not None and self._flat_may_be_faster(requested):
+      self._keep_the_fastest(embeddings, requested, sample)
+    if _sample is None and self.tuning.met is False:
+      # Only for the index kept, not for the alternatives compared with it.
+      logging.warning("%s", self.tuning.note)
+
+  def _flat_may_be_faster(self, requested: ScannSettings) -> bool:
+    """Whether an index of the mode chosen for its size may lose to one that
+    scores every row's codes: a tree that must search a large share of its
+    leaves saves little (data without clusters), and coarser codes scan
+    faster, their loss made up by rescoring more candidates."""
+    s, t = self.settings, self.tuning
+    if requested.mode != "auto" or s.mode == "brute_force":
+      return False
+    return (s.mode == "ah" or not t.met
+            or t.leaves_to_search >= FLAT_FROM_LEAF_SHARE * s.num_leaves)
+
+  def _keep_the_fastest(self, embeddings, requested, sample) -> None:
+    """Builds flat AH indexes with FLAT_DIMS_PER_BLOCK, tunes each on the same
+    queries, times every one that meets the target on them and keeps the
+    fastest (or, when none meets it, this one)."""
+    s = self.settings
+    candidates = [self] + [
+        ScannSearch(embeddings, self.ids, _sample=sample,
+                    settings=dataclasses.replace(requested, mode="ah",
+                                                 dims_per_block=d))
+        for d in FLAT_DIMS_PER_BLOCK
+        if (s.mode, s.dims_per_block) != ("ah", d)]
+    k = min(tuning_lib.RECALL_K, self.count)
+    timed = []
+    for index in candidates:
+      qps = None
+      if index.tuning.met:
+        seconds = []
+        for _ in range(2):  # the first also warms caches
+          start = time.perf_counter()
+          index.search(sample.queries, k)
+          seconds.append(time.perf_counter() - start)
+        qps = round(len(sample.queries) / max(min(seconds), 1e-9), 1)
+      t = index.tuning
+      timed.append(dict(mode=index.settings.mode,
+                        dims_per_block=index.settings.dims_per_block,
+                        leaves_to_search=t.leaves_to_search,
+                        reorder_num_neighbors=t.reorder_num_neighbors,
+                        recall=t.recall, met=t.met, queries_per_s=qps))
+    met = [n for n, row in enumerate(timed) if row["met"]]
+    best = max(met, key=lambda n: timed[n]["queries_per_s"]) if met else 0
+    for n, row in enumerate(timed):
+      row["kept"] = n == best
+    chosen = candidates[best]
+    logging.info("ScaNN over %d rows: %s", self.count, "; ".join(
+        f"{r['mode']} with {r['dims_per_block']} dims per code: recall "
+        f"{r['recall']}, {r['queries_per_s'] or '-'} queries/s"
+        f"{' (kept)' if r['kept'] else ''}" for r in timed))
+    self.settings, self._searcher = chosen.settings, chosen._searcher
+    self.tuning = dataclasses.replace(chosen.tuning, alternatives=timed)
 
   @property
   def threads(self) -> int:
@@ -323,66 +403,35 @@ class ScannSearch(SearchIndex):
     return builder.reorder(s.reorder_num_neighbors,
                            quantize=_reorder_type(s.reorder_dtype)).build()
 
-  def _tune(self, gallery, requested: ScannSettings,
-            tuning_queries) -> tuning_lib.Tuning:
-    """Chooses leaves_to_search and reorder_num_neighbors (see `tuning`)."""
+  def _tune(self, gallery, requested: ScannSettings, tuning_queries,
+            sample: "_TuningSample | None"
+            ) -> tuple[tuning_lib.Tuning, "_TuningSample | None"]:
+    """Chooses leaves_to_search and reorder_num_neighbors (see `tuning`) on
+    `sample`, or on a sample made from `tuning_queries` or the gallery;
+    returns what it chose and the sample (None when nothing was tuned)."""
     s = self.settings
     if not s.target_recall:
       return tuning_lib.Tuning(note="no target_recall: fixed settings, recall "
-                               "not measured")
+                               "not measured"), None
     if s.mode == "brute_force":
       return tuning_lib.Tuning(
           target=s.target_recall, recall=1.0, met=True,
-          note="brute force scores every row exactly: nothing to tune")
+          note="brute force scores every row exactly: nothing to tune"), None
     start = time.perf_counter()
-    n = self.count
-    k = min(tuning_lib.RECALL_K, n)
-    rng = np.random.default_rng(s.tuning_seed)
-    num = s.tuning_queries(n, self.dimension)
+    if sample is None:
+      sample = self._tuning_sample(gallery, tuning_queries)
+    result = dataclasses.replace(sample.made, target=s.target_recall)
+    k = min(tuning_lib.RECALL_K, self.count)
     tree = s.mode == "tree_ah"
-    result = tuning_lib.Tuning(target=s.target_recall)
-    rows = None
-    if tuning_queries is not None:
-      try:
-        queries = _check_queries(tuning_queries, self.dimension,
-                                 self.normalize)
-      except ValueError as e:
-        raise ValueError(f"tuning_queries: {e}") from e
-      if queries.shape[0] == 0:
-        raise ValueError("tuning_queries is empty: pass [Q, D] queries with "
-                         "Q > 0, or None to make them from the gallery")
-      # In random order: the first quarter screens settings (see tuning).
-      queries = queries[rng.permutation(queries.shape[0])[:num]]
-      result.queries = "given"
-    else:
-      rows = rng.choice(n, num, replace=False)
-      result.noise_scale, result.pilot_neighbours_kept = (
-          tuning_lib.calibrate_noise(gallery, rows[:tuning_lib.PILOT_ROWS],
-                                     rng, s.tuning_neighbours_kept))
-      queries = tuning_lib.noisy_rows(gallery, rows, result.noise_scale, rng)
-      result.queries = "gallery"
-    result.num_queries = int(queries.shape[0])
-    exact_start = time.perf_counter()
-    if rows is None:
-      exact_indices, exact_scores = tuning_lib.exact_top_k(gallery, queries, k)
-    else:
-      # With the rows' own top k, in the same pass over the gallery, to record
-      # how much of it the queries kept.
-      both, both_scores = tuning_lib.exact_top_k(
-          gallery, np.concatenate([queries, gallery[rows]]), k)
-      exact_indices, exact_scores = both[:len(rows)], both_scores[:len(rows)]
-      result.neighbours_kept = round(float(tuning_lib.neighbours_kept(
-          exact_indices, both[len(rows):]).mean()), 4)
-    result.exact_seconds = round(time.perf_counter() - exact_start, 3)
 
     def search(q, leaves, reorder):
       return self.search(q, k, leaves_to_search=leaves or 0,
                          reorder_num_neighbors=reorder)[0]
 
-    meter = tuning_lib.RecallMeter(search, queries, exact_indices,
-                                   exact_scores, gallery)
+    meter = tuning_lib.RecallMeter(search, sample.queries, sample.exact_indices,
+                                   sample.exact_scores, gallery)
     target = s.target_recall
-    max_reorder = min(n, max(k, s.max_reorder_num_neighbors))
+    max_reorder = min(self.count, max(k, s.max_reorder_num_neighbors))
     leaves, reorder = tuning_lib.choose_settings(
         meter, target, k=k, num_leaves=s.num_leaves if tree else None,
         max_reorder=max_reorder,
@@ -395,11 +444,56 @@ class ScannSearch(SearchIndex):
     result.leaves_to_search = leaves
     result.reorder_num_neighbors = reorder
     result.evaluations = meter.evaluations
-    result.seconds = round(time.perf_counter() - start, 3)
+    result.seconds = round(sample.seconds + time.perf_counter() - start, 3)
     if not result.met:
       result.note = self._missed_target_message(requested, result)
-      logging.warning("%s", result.note)
-    return result
+    return result, sample
+
+  def _tuning_sample(self, gallery, tuning_queries) -> "_TuningSample":
+    """Tuning queries (the caller's, or gallery rows plus noise) and their
+    exact top 10."""
+    s = self.settings
+    start = time.perf_counter()
+    n = self.count
+    k = min(tuning_lib.RECALL_K, n)
+    rng = np.random.default_rng(s.tuning_seed)
+    num = s.tuning_queries(n, self.dimension)
+    made = tuning_lib.Tuning()
+    rows = None
+    if tuning_queries is not None:
+      try:
+        queries = _check_queries(tuning_queries, self.dimension,
+                                 self.normalize)
+      except ValueError as e:
+        raise ValueError(f"tuning_queries: {e}") from e
+      if queries.shape[0] == 0:
+        raise ValueError("tuning_queries is empty: pass [Q, D] queries with "
+                         "Q > 0, or None to make them from the gallery")
+      # In random order: the first quarter screens settings (see tuning).
+      queries = queries[rng.permutation(queries.shape[0])[:num]]
+      made.queries = "given"
+    else:
+      rows = rng.choice(n, num, replace=False)
+      made.noise_scale, made.pilot_neighbours_kept = (
+          tuning_lib.calibrate_noise(gallery, rows[:tuning_lib.PILOT_ROWS],
+                                     rng, s.tuning_neighbours_kept))
+      queries = tuning_lib.noisy_rows(gallery, rows, made.noise_scale, rng)
+      made.queries = "gallery"
+    made.num_queries = int(queries.shape[0])
+    exact_start = time.perf_counter()
+    if rows is None:
+      exact_indices, exact_scores = tuning_lib.exact_top_k(gallery, queries, k)
+    else:
+      # With the rows' own top k, in the same pass over the gallery, to record
+      # how much of it the queries kept.
+      both, both_scores = tuning_lib.exact_top_k(
+          gallery, np.concatenate([queries, gallery[rows]]), k)
+      exact_indices, exact_scores = both[:len(rows)], both_scores[:len(rows)]
+      made.neighbours_kept = round(float(tuning_lib.neighbours_kept(
+          exact_indices, both[len(rows):]).mean()), 4)
+    made.exact_seconds = round(time.perf_counter() - exact_start, 3)
+    return _TuningSample(queries, exact_indices, exact_scores, made,
+                         time.perf_counter() - start)
 
   def _missed_target_message(self, requested, result) -> str:
     s = self.settings
@@ -472,7 +566,11 @@ class ScannSearch(SearchIndex):
                f"{s.leaves_to_search}")
     if s.mode != "brute_force":
       text += (f"{',' if s.mode == 'tree_ah' else ':'} reorder_num_neighbors="
-               f"{s.reorder_num_neighbors} ({s.reorder_dtype})")
+               f"{s.reorder_num_neighbors} ({s.reorder_dtype}), "
+               f"{s.dims_per_block} dims per code")
+    if t.alternatives:
+      text += (f" (the fastest of {len(t.alternatives)} indexes compared on "
+               f"the tuning queries)")
     return f"{text}; {tuning_description(t)}"
 
   def search(self, queries, k: int = 10, *, leaves_to_search: int = 0,

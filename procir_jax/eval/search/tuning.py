@@ -417,6 +417,10 @@ class Tuning:
     exact_seconds: wall time of the exact top-10 pass.
     note: why nothing was tuned, or the warning given when the target was
       missed.
+    alternatives: the indexes compared on these queries, when a flat index
+      might beat the one chosen for the gallery's size: each one's mode,
+      dims_per_block, tuned settings, recall, met, queries_per_s (measured
+      when met) and kept.
   """
 
   target: float | None = None
@@ -434,6 +438,7 @@ class Tuning:
   seconds: float = 0.0
   exact_seconds: float = 0.0
   note: str = ""
+  alternatives: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
