@@ -334,42 +334,47 @@ class ScannSearch(SearchIndex):
   def _keep_the_fastest(self, embeddings, requested, sample) -> None:
     """Builds flat AH indexes with FLAT_DIMS_PER_BLOCK, tunes each on the same
     queries, times every one that meets the target on them and keeps the
-    fastest (or, when none meets it, this one)."""
-    s = self.settings
-    candidates = [self] + [
-        ScannSearch(embeddings, self.ids, _sample=sample,
-                    settings=dataclasses.replace(requested, mode="ah",
-                                                 dims_per_block=d))
-        for d in FLAT_DIMS_PER_BLOCK
-        if (s.mode, s.dims_per_block) != ("ah", d)]
+    fastest (or, when none meets it, this one). One index is built at a time
+    and the slower of two is dropped at once, so at most two are held."""
     k = min(tuning_lib.RECALL_K, self.count)
-    timed = []
-    for index in candidates:
-      qps = None
-      if index.tuning.met:
+
+    def measured(index) -> dict[str, Any]:
+      t, qps = index.tuning, None
+      if t.met:
         seconds = []
         for _ in range(2):  # the first also warms caches
           start = time.perf_counter()
           index.search(sample.queries, k)
           seconds.append(time.perf_counter() - start)
         qps = round(len(sample.queries) / max(min(seconds), 1e-9), 1)
-      t = index.tuning
-      timed.append(dict(mode=index.settings.mode,
-                        dims_per_block=index.settings.dims_per_block,
-                        leaves_to_search=t.leaves_to_search,
-                        reorder_num_neighbors=t.reorder_num_neighbors,
-                        recall=t.recall, met=t.met, queries_per_s=qps))
-    met = [n for n, row in enumerate(timed) if row["met"]]
-    best = max(met, key=lambda n: timed[n]["queries_per_s"]) if met else 0
-    for n, row in enumerate(timed):
-      row["kept"] = n == best
-    chosen = candidates[best]
+      return dict(mode=index.settings.mode,
+                  dims_per_block=index.settings.dims_per_block,
+                  leaves_to_search=t.leaves_to_search,
+                  reorder_num_neighbors=t.reorder_num_neighbors,
+                  recall=t.recall, met=t.met, queries_per_s=qps, kept=False)
+
+    s = self.settings
+    best, timed = self, [measured(self)]
+    best_row = timed[0]
+    for dims in FLAT_DIMS_PER_BLOCK:
+      if (s.mode, s.dims_per_block) == ("ah", dims):
+        continue
+      flat = ScannSearch(embeddings, self.ids, _sample=sample,
+                         settings=dataclasses.replace(requested, mode="ah",
+                                                      dims_per_block=dims))
+      row = measured(flat)
+      timed.append(row)
+      if row["met"] and (not best_row["met"] or
+                         row["queries_per_s"] > best_row["queries_per_s"]):
+        best, best_row = flat, row
+      del flat
+    best_row["kept"] = True
     logging.info("ScaNN over %d rows: %s", self.count, "; ".join(
         f"{r['mode']} with {r['dims_per_block']} dims per code: recall "
         f"{r['recall']}, {r['queries_per_s'] or '-'} queries/s"
         f"{' (kept)' if r['kept'] else ''}" for r in timed))
-    self.settings, self._searcher = chosen.settings, chosen._searcher
-    self.tuning = dataclasses.replace(chosen.tuning, alternatives=timed)
+    self.settings, self._searcher = best.settings, best._searcher
+    self.tuning = dataclasses.replace(best.tuning, alternatives=timed)
 
   @property
   def threads(self) -> int:
