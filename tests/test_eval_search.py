@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from procir_jax.eval import search
-from procir_jax.eval.search import tuning
+from procir_jax.eval.search import scann_index, tuning
 
 
 def _unit(rng, n, d):
@@ -335,6 +335,21 @@ def test_a_tree_that_searches_most_leaves_is_compared_with_flat_indexes(
                                  settings=settings)
   assert clustered.settings.mode == "tree_ah"
   assert not clustered.tuning.alternatives
+
+
+def test_flat_indexes_compared_may_rescore_a_share_of_the_rows(monkeypatch):
+  """A flat index scans every row anyway: tuning it may rescore up to
+  FLAT_MAX_REORDER_SHARE of the rows, beyond max_reorder_num_neighbors."""
+  monkeypatch.setattr(scann_index, "FLAT_MAX_REORDER_SHARE", 0.1)  # 400 rows
+  rng = np.random.default_rng(8)
+  gallery = _unit(rng, 4000, 32)
+  index = search.ScannSearch(gallery, settings=dict(
+      brute_force_below=100, tree_from=1000, max_reorder_num_neighbors=20))
+  tree, *flat = index.tuning.alternatives
+  assert tree["mode"] == "tree_ah" and tree["reorder_num_neighbors"] <= 20
+  assert [a["mode"] for a in flat] == ["ah", "ah"]
+  rescored = [a["reorder_num_neighbors"] for a in flat]
+  assert max(rescored) > 20 and max(rescored) <= 400, index.tuning.alternatives
 
 
 def test_tuning_on_given_queries_and_kept_settings():
