@@ -80,6 +80,34 @@ def test_every_distribution_runs(tmp_path, capsys):
       assert len(saved["sweeps"]["scann 0.99"]) > 1
 
 
+def test_scann_tunes_on_held_out_queries(tmp_path, capsys):
+  """--tuning_queries: ScaNN tunes on queries that are never measured."""
+  gallery, queries, origin = bench.make_data(500, 16, 25, 50, 1.0, 0.5, 0)
+  held = bench.held_out_queries(gallery, origin, 30, 0.5, 1)
+  assert held.shape == (30, 16)
+  # Each is near a row no measured query starts from, and none is measured.
+  nearest = np.argmax(held @ gallery.T, axis=1)
+  assert not set(nearest.tolist()) & set(origin.tolist())
+  with pytest.raises(ValueError, match="--tuning_queries=451"):
+    bench.held_out_queries(gallery, origin, 451, 0.5, 1)
+
+  rng = np.random.default_rng(0)
+  npz = _procir_npz(tmp_path / "d.npz", rng)
+  for flags in (["--data=clusters"], ["--data=procir", "--embeddings", npz]):
+    out_json = tmp_path / "tuned.json"
+    bench.main([*SMALL, "--scann=mode=ah", "--tuning_queries=20", *flags,
+                "--peers=", f"--json={out_json}"])
+    out = capsys.readouterr().out
+    _check(out, {"exact (jax)", "scann"})
+    saved = json.loads(out_json.read_text())
+    assert saved["tuning_queries"] == 20
+    # procir: 20 of the file's 30 queries tune, the other 10 are measured.
+    assert saved["queries"] == (40 if flags[0] == "--data=clusters" else 10)
+    assert "ScaNN tuned on 20 held-out queries" in saved["description"]
+    for target in ("0.95", "0.99"):
+      assert "tuned_on=20:given" in saved["build"][f"scann {target}"]
+
+
 def test_peers_run(capsys):
   """Each peer gets rows at 0.95, 0.99 and the recalls of ScaNN's defaults."""
   pytest.importorskip("faiss")
