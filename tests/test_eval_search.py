@@ -337,6 +337,19 @@ def test_a_tree_that_searches_most_leaves_is_compared_with_flat_indexes(
   assert not clustered.tuning.alternatives
 
 
+def test_big_galleries_tune_on_fewer_queries_given_ones_on_more():
+  """The exact pass for tuning stays near EXACT_PASS_FLOPS: gallery-derived
+  queries also need their rows' own top 10, so they get half as many."""
+  settings = search.ScannSettings()
+  assert settings.tuning_queries(100_000, 1024) == 1000
+  assert settings.tuning_queries(100_000, 1024, given=True) == 1000
+  assert settings.tuning_queries(1_000_000, 1024) == 488
+  assert settings.tuning_queries(1_000_000, 1024, given=True) == 976
+  assert settings.tuning_queries(10_000_000, 1024, given=True) == 400
+  assert search.ScannSettings(tuning_sample_size=50).tuning_queries(
+      1_000_000, 1024, given=True) == 50
+
+
 def test_flat_indexes_compared_may_rescore_a_share_of_the_rows(monkeypatch):
   """A flat index scans every row anyway: tuning it may rescore up to
   FLAT_MAX_REORDER_SHARE of the rows, beyond max_reorder_num_neighbors."""

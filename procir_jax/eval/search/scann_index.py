@@ -53,13 +53,14 @@ LEAVES_PER_SQRT_N = 2.0
 # all chose how the index was tuned, so loading ignores them.
 RETIRED_SETTINGS = ("tuning_own_row_share",)
 # Tuning queries when `tuning_sample_size` is 0: 1000, fewer for big galleries
-# so that their exact top-10 pass (2 x queries x rows x dim flops) stays near
-# 1e12 flops, about 10 s on two cores (twice that for gallery-derived queries,
-# whose rows' own top 10 is found in the same pass); at least 400, which
-# estimate recall@10 to about +-0.01.
+# so that their exact top-10 pass stays near 2e12 flops, about 20 s on two
+# cores: 2 x queries x rows x dim flops for given queries, twice that for
+# gallery-derived ones, whose rows' own top 10 is found in the same pass (so
+# they get half as many: 488 at 1M x 1024, given queries 976); at least 400,
+# which estimate recall@10 to about +-0.01.
 AUTO_TUNING_QUERIES = 1000
 MIN_AUTO_TUNING_QUERIES = 400
-EXACT_PASS_FLOPS = 1e12
+EXACT_PASS_FLOPS = 2e12
 # An index of mode "auto" whose tree must search this share of its leaves (or
 # that scores every row already) is compared with flat AH indexes of these code
 # sizes, tuned on the same queries, and the fastest that meets the target kept.
@@ -126,7 +127,8 @@ class ScannSettings:
       (see `tuning`); None or 0 tunes nothing and uses the fixed values
       above.
     tuning_sample_size: most tuning queries; 0: 1000, fewer (at least 400)
-      for big galleries, so the exact pass stays near 1e12 flops.
+      for big galleries, so the exact pass stays near 2e12 flops (half as
+      many gallery-derived queries as given ones).
     max_reorder_num_neighbors: the most candidates tuning may reorder (the
       flat indexes that mode "auto" compares with a tree may go up to
       FLAT_MAX_REORDER_SHARE of the rows, when that is more).
@@ -232,11 +234,15 @@ class ScannSettings:
         training_sample_size=self.training_sample_size or min(num, 250_000),
         reorder_num_neighbors=self.reorder_num_neighbors or 250)
 
-  def tuning_queries(self, num: int, dimension: int) -> int:
-    """How many gallery-derived tuning queries a gallery gets."""
+  def tuning_queries(self, num: int, dimension: int,
+                     given: bool = False) -> int:
+    """How many tuning queries a gallery of `num` rows gets: of the caller's
+    (`given`), or made from gallery rows, which cost twice as much exact
+    search."""
     if self.tuning_sample_size:
       return min(num, self.tuning_sample_size)
-    budget = int(EXACT_PASS_FLOPS / (2 * num * dimension))
+    flops_per_query = (2 if given else 4) * num * dimension
+    budget = int(EXACT_PASS_FLOPS / flops_per_query)
     return min(num, AUTO_TUNING_QUERIES, max(MIN_AUTO_TUNING_QUERIES, budget))
 
 
@@ -475,7 +481,7 @@ class ScannSearch(SearchIndex):
     n = self.count
     k = min(tuning_lib.RECALL_K, n)
     rng = np.random.default_rng(s.tuning_seed)
-    num = s.tuning_queries(n, self.dimension)
+    num = s.tuning_queries(n, self.dimension, given=tuning_queries is not None)
     made = tuning_lib.Tuning()
     rows = None
     if tuning_queries is not None:
