@@ -31,6 +31,9 @@ Commands (from the repository root; the peers come with `pip install -e .[bench]
   # 1M without FAISS's HNSW, the slowest build: about 2-3 hours.
   python -m bench.search --data=overlap --num=1000000 --exact_queries=500 \
       --peers=faiss_ivfpq,hnswlib --json=search_1m.json
+  # ScaNN tuned on 1000 held-out queries of the same kind, not on the gallery.
+  python -m bench.search --data=clusters --num=1000000 --exact_queries=500 \
+      --tuning_queries=1000 --peers=faiss_ivfpq
   # Real embeddings from an evaluation run's workdir W.
   python -m bench.search --data=procir --embeddings W/eval/embeddings/*.npz
 
