@@ -350,6 +350,61 @@ def test_big_galleries_tune_on_fewer_queries_given_ones_on_more():
       1_000_000, 1024, given=True) == 50
 
 
+def test_high_targets_tune_on_more_queries():
+  """The margin of two standard errors must stay small beside 1 - target:
+  0.99 gets five times the sample (and exact-pass budget) of 0.95, of which
+  the usual count decides what it can."""
+  assert search.ScannSettings(target_recall=0.95).tuning_scale() == 1.0
+  assert search.ScannSettings(target_recall=0.98).tuning_scale() == 2.5
+  high = search.ScannSettings(target_recall=0.99)
+  assert high.tuning_scale() == 5.0
+  assert search.ScannSettings(target_recall=0.999).tuning_scale() == 5.0
+  assert high.tuning_queries(100_000, 1024) == 5000
+  assert high.tuning_queries(1_000_000, 1024, given=True) == 4882
+  assert high.tuning_queries(1_000_000, 1024) == 2441
+  assert high.tuning_queries(1_000_000, 1024, given=True, scaled=False) == 976
+  assert search.ScannSettings(target_recall=0.99, tuning_sample_size=300
+                              ).tuning_queries(100_000, 1024) == 300
+
+
+def _meter_over(recalls_by_setting, num_queries, base):
+  """A RecallMeter whose search returns, for each setting, rows that give each
+  query the recall listed (one value per query)."""
+  exact = np.arange(num_queries * 10).reshape(num_queries, 10)
+
+  def fake_search(queries, leaves, reorder):
+    per_query = recalls_by_setting[leaves][:len(queries)]
+    found = exact[:len(queries)].copy()
+    for i, r in enumerate(per_query):
+      found[i, int(round(r * 10)):] = -1
+    return found
+
+  return tuning.RecallMeter(fake_search, np.zeros((num_queries, 4), np.float32),
+                            exact, None, None, base=base)
+
+
+def test_recall_meter_searches_the_rest_only_for_settings_in_doubt():
+  num, base = 4000, 1000
+  ones = np.ones(num)
+  doubtful = np.where(np.arange(num) % 100 == 0, 0.0, 1.0)  # mean 0.99
+  meter = _meter_over({1: ones, 2: np.full(num, 0.5), 3: doubtful}, num, base)
+  # Clearly passes on the base: the rest is not searched.
+  assert meter.passes(1, 10, 0.99)
+  assert max(e[2] for e in meter.evaluations) == base
+  # Clearly fails: rejected on the quick quarter of the base.
+  assert not meter.passes(2, 10, 0.99)
+  assert meter.evaluations[-1][2] == base // 4
+  # Mean 0.99 with two standard errors of 0.0063 on the base, 0.0031 on the
+  # whole sample: in doubt on the base for 0.986, so the whole sample decides.
+  assert meter.passes(3, 10, 0.986)
+  assert meter.evaluations[-1][2] == num
+  assert not meter.passes(3, 10, 0.988)
+  # Without a base the whole sample decides, as before.
+  whole = _meter_over({1: ones}, num, None)
+  assert whole.passes(1, 10, 0.99)
+  assert [e[2] for e in whole.evaluations] == [num // 4, num]
+
+
 def test_flat_indexes_compared_may_rescore_a_share_of_the_rows(monkeypatch):
   """A flat index scans every row anyway: tuning it may rescore up to
   FLAT_MAX_REORDER_SHARE of the rows, beyond max_reorder_num_neighbors."""

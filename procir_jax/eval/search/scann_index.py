@@ -61,6 +61,13 @@ RETIRED_SETTINGS = ("tuning_own_row_share",)
 AUTO_TUNING_QUERIES = 1000
 MIN_AUTO_TUNING_QUERIES = 400
 EXACT_PASS_FLOPS = 2e12
+# Targets above BASE_TUNING_TARGET get a sample (queries and exact-pass budget)
+# (1 - BASE_TUNING_TARGET) / (1 - target) times as large, at most
+# MAX_TUNING_SCALE: the margin of two standard errors must stay small beside
+# the room left below recall 1 (see `tuning`). The usual count decides the
+# settings it can; the rest are searched only for those it leaves in doubt.
+BASE_TUNING_TARGET = 0.95
+MAX_TUNING_SCALE = 5.0
 # An index of mode "auto" whose tree must search this share of its leaves (or
 # that scores every row already) is compared with flat AH indexes of these code
 # sizes, tuned on the same queries, and the fastest that meets the target kept.
@@ -128,7 +135,9 @@ class ScannSettings:
       above.
     tuning_sample_size: most tuning queries; 0: 1000, fewer (at least 400)
       for big galleries, so the exact pass stays near 2e12 flops (half as
-      many gallery-derived queries as given ones).
+      many gallery-derived queries as given ones); for targets above 0.95
+      both grow in proportion to 1 / (1 - target), up to 5x at 0.99 (see
+      `tuning_scale`).
     max_reorder_num_neighbors: the most candidates tuning may reorder (the
       flat indexes that mode "auto" compares with a tree may go up to
       FLAT_MAX_REORDER_SHARE of the rows, when that is more).
@@ -234,16 +243,30 @@ class ScannSettings:
         training_sample_size=self.training_sample_size or min(num, 250_000),
         reorder_num_neighbors=self.reorder_num_neighbors or 250)
 
-  def tuning_queries(self, num: int, dimension: int,
-                     given: bool = False) -> int:
+  def tuning_scale(self) -> float:
+    """How many times the usual tuning sample the target needs: 1 up to
+    BASE_TUNING_TARGET, (1 - BASE_TUNING_TARGET) / (1 - target) above it, at
+    most MAX_TUNING_SCALE."""
+    room = 1.0 - (self.target_recall or 0.0)
+    if room <= 0:
+      return MAX_TUNING_SCALE
+    # Rounded so that 0.05 / (1 - 0.99) gives 5, not 4.999...
+    scale = round((1.0 - BASE_TUNING_TARGET) / room, 6)
+    return min(MAX_TUNING_SCALE, max(1.0, scale))
+
+  def tuning_queries(self, num: int, dimension: int, given: bool = False,
+                     scaled: bool = True) -> int:
     """How many tuning queries a gallery of `num` rows gets: of the caller's
     (`given`), or made from gallery rows, which cost twice as much exact
-    search."""
+    search; `scaled=False` leaves out the target's `tuning_scale`: the queries
+    that decide every setting they can."""
     if self.tuning_sample_size:
       return min(num, self.tuning_sample_size)
+    scale = self.tuning_scale() if scaled else 1.0
     flops_per_query = (2 if given else 4) * num * dimension
-    budget = int(EXACT_PASS_FLOPS / flops_per_query)
-    return min(num, AUTO_TUNING_QUERIES, max(MIN_AUTO_TUNING_QUERIES, budget))
+    budget = int(scale * EXACT_PASS_FLOPS / flops_per_query)
+    return min(num, int(scale * AUTO_TUNING_QUERIES),
+               max(MIN_AUTO_TUNING_QUERIES, budget))
 
 
 def auto_reorder_dtype(target_recall: float | None) -> str:
@@ -282,6 +305,7 @@ class _TuningSample:
   exact_scores: np.ndarray
   made: tuning_lib.Tuning  # how the queries were made
   seconds: float  # making them and their exact pass
+  base: int  # the first `base` queries decide what they can (RecallMeter)
 
 
 class ScannSearch(SearchIndex):
@@ -296,8 +320,8 @@ class ScannSearch(SearchIndex):
       embeddings of any norm).
     tuning_queries: float [Q, D] queries to tune the search-time settings on
       (say the evaluation's own queries); None makes them from the gallery
-      (see `tuning`). At most `settings.tuning_sample_size` (or 1000) are
-      used, drawn at random.
+      (see `tuning`). At most `settings.tuning_sample_size` (or
+      `settings.tuning_queries`) are used, drawn at random.
   """
 
   backend = "scann"
@@ -357,12 +381,13 @@ class ScannSearch(SearchIndex):
     def measured(index) -> dict[str, Any]:
       t, qps = index.tuning, None
       if t.met:
+        queries = sample.queries[:sample.base]
         seconds = []
         for _ in range(2):  # the first also warms caches
           start = time.perf_counter()
-          index.search(sample.queries, k)
+          index.search(queries, k)
           seconds.append(time.perf_counter() - start)
-        qps = round(len(sample.queries) / max(min(seconds), 1e-9), 1)
+        qps = round(len(queries) / max(min(seconds), 1e-9), 1)
       return dict(mode=index.settings.mode,
                   dims_per_block=index.settings.dims_per_block,
                   leaves_to_search=t.leaves_to_search,
@@ -453,7 +478,8 @@ class ScannSearch(SearchIndex):
                          reorder_num_neighbors=reorder)[0]
 
     meter = tuning_lib.RecallMeter(search, sample.queries, sample.exact_indices,
-                                   sample.exact_scores, gallery)
+                                   sample.exact_scores, gallery,
+                                   base=sample.base)
     target = s.target_recall
     max_reorder = min(self.count, max(k, s.max_reorder_num_neighbors))
     leaves, reorder = tuning_lib.choose_settings(
@@ -481,7 +507,9 @@ class ScannSearch(SearchIndex):
     n = self.count
     k = min(tuning_lib.RECALL_K, n)
     rng = np.random.default_rng(s.tuning_seed)
-    num = s.tuning_queries(n, self.dimension, given=tuning_queries is not None)
+    given = tuning_queries is not None
+    num = s.tuning_queries(n, self.dimension, given=given)
+    base = s.tuning_queries(n, self.dimension, given=given, scaled=False)
     made = tuning_lib.Tuning()
     rows = None
     if tuning_queries is not None:
@@ -517,7 +545,8 @@ class ScannSearch(SearchIndex):
           exact_indices, both[len(rows):]).mean()), 4)
     made.exact_seconds = round(time.perf_counter() - exact_start, 3)
     return _TuningSample(queries, exact_indices, exact_scores, made,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start,
+                         base=min(base, len(queries)))
 
   def _missed_target_message(self, requested, result) -> str:
     s = self.settings
