@@ -58,11 +58,10 @@ least 0.01); only settings that may pass are measured on the whole sample.
 
 The margin shrinks with the square root of the sample, the room between the
 target and what an index can reach shrinks with 1 - target: at 1M x 1024 well
-separated clusters, bfloat16 rescoring holds recall@10 of exact near 0.994
-however many leaves are searched, and two standard errors over 976 queries
-were 0.0034, so a target of 0.99 passed or failed one leaf by the luck of the
-sample (one sample chose 5 leaves, 8,067 queries/s, where one leaf gave 0.991
-at 12,934 on fresh queries). So `ScannSettings` gives targets above 0.95 a
+separated clusters the tree reaches recall@10 of exact 0.991 to 0.994 at one or
+two leaves, and two standard errors over 976 queries were 0.0034, so for a
+target of 0.99 that sample chose 5 leaves (8,067 queries/s, against 10,960 at
+the 2 leaves that 4882 queries chose). So `ScannSettings` gives targets above 0.95 a
 sample up to five times larger (in proportion to 1 / (1 - target)), of which
 the usual number (`base`) still decides every setting it can, clearly passing
 or clearly failing; only settings it leaves in doubt are searched with the
