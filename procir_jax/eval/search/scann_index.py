@@ -512,7 +512,7 @@ class ScannSearch(SearchIndex):
     base = s.tuning_queries(n, self.dimension, given=given, scaled=False)
     made = tuning_lib.Tuning()
     rows = None
-    if tuning_queries is not None:
+    if given:
       try:
         queries = _check_queries(tuning_queries, self.dimension,
                                  self.normalize)

@@ -365,8 +365,8 @@ class RecallMeter:
     self.queries = queries
     self.base = min(len(queries), base or len(queries))
     self.quick = min(self.base, max(QUICK_MIN, int(QUICK_SHARE * self.base)))
-    # (leaves, reorder) -> (mean recall, its standard error).
-    self.full: dict[tuple, tuple[float, float]] = {}
+    # (leaves, reorder, queries) -> (mean recall, its standard error).
+    self._measured: dict[tuple, tuple[float, float]] = {}
     self.evaluations: list[list[Any]] = []
 
   def _measure(self, leaves, reorder, num):
@@ -380,29 +380,33 @@ class RecallMeter:
                              round(float(per_query.mean()), 4)])
     return per_query
 
+  def _stats(self, leaves, reorder, num) -> tuple[float, float]:
+    """(mean recall@k of exact over the first `num` queries, its standard
+    error), measured once."""
+    key = (leaves, reorder, num)
+    if key not in self._measured:
+      per_query = self._measure(leaves, reorder, num)
+      self._measured[key] = (float(per_query.mean()),
+                             _standard_error(per_query))
+    return self._measured[key]
+
   def recall(self, leaves, reorder) -> tuple[float, float]:
     """(mean recall@k of exact over the whole sample, its standard error)."""
-    key = (leaves, reorder)
-    if key not in self.full:
-      per_query = self._measure(leaves, reorder, len(self.queries))
-      self.full[key] = (float(per_query.mean()), _standard_error(per_query))
-    return self.full[key]
+    return self._stats(leaves, reorder, len(self.queries))
 
   def passes(self, leaves, reorder, target: float) -> bool:
     """Whether recall, less MARGIN_SE standard errors, reaches `target`: on
     the first `base` queries when that decides it (it passes there, or its
     mean falls short of the target), else on the whole sample. A quarter of
     the base first rejects settings that fall well short."""
-    key = (leaves, reorder)
-    if key not in self.full:
+    whole = len(self.queries)
+    if (leaves, reorder, whole) not in self._measured:
       if self.quick < self.base:
-        per_query = self._measure(leaves, reorder, self.quick)
-        error = _standard_error(per_query)
-        if per_query.mean() < target - max(QUICK_MARGIN, 2 * error):
+        mean, error = self._stats(leaves, reorder, self.quick)
+        if mean < target - max(QUICK_MARGIN, 2 * error):
           return False
-      if self.base < len(self.queries):
-        per_query = self._measure(leaves, reorder, self.base)
-        mean, error = float(per_query.mean()), _standard_error(per_query)
+      if self.base < whole:
+        mean, error = self._stats(leaves, reorder, self.base)
         if mean - MARGIN_SE * error >= target:
           return True
         if mean < target:
