@@ -90,6 +90,13 @@ def test_settings_follow_gallery_size_and_overrides():
   large = s.resolve(1_000_000, 1024)
   assert large.mode == "tree_ah" and large.num_leaves == 2000
   assert 1 <= large.leaves_to_search < large.num_leaves
+  # The tree trains on 250 rows per leaf, the codebooks on at most 250K rows.
+  assert large.tree_training_sample_size == 500_000
+  assert large.training_sample_size == 250_000
+  small = s.resolve(200_000, 64)
+  assert small.tree_training_sample_size == small.training_sample_size == 200_000
+  assert search.ScannSettings(tree_training_sample_size=7).resolve(
+      1_000_000, 8).tree_training_sample_size == 7
   custom = search.ScannSettings.from_config(
       {"mode": "tree_ah", "num_leaves": 7, "leaves_to_search": 3})
   assert custom.resolve(100, 8).num_leaves == 7

@@ -47,8 +47,19 @@ INT8_MAX_TARGET = 0.96
 # rescoring (rows of a query's cluster sat in a second leaf, ranked far down),
 # and 88 leaves were needed for 0.99 (1,059 queries/s on 2 cores); 2000 leaves
 # reached 0.99 at 1 leaf and 0.992 at 2 (8,591 queries/s), for 20% more build
-# time. SOAR spilling (soar_lambda=1.5) at 1000 leaves did not help there.
+# time (both trees trained on 250K rows; see TREE_TRAINING_ROWS_PER_LEAF).
+# SOAR spilling (soar_lambda=1.5) at 1000 leaves did not help there.
 LEAVES_PER_SQRT_N = 2.0
+# Rows sampled to train the codebooks (AH), and the fewest sampled to train the
+# tree.
+TRAINING_SAMPLE = 250_000
+# Rows sampled per tree leaf to train the tree. k-means on too thin a sample
+# splits clusters between leaves: at 1M x 1024 `clusters` (10,000 clusters of
+# 100 rows, 2000 leaves), a 250K-row sample (25 rows per cluster) left one leaf
+# at recall@10 of exact 0.991 with 75 candidates rescored in bfloat16, and
+# tuning for 0.99 needed 2 to 18 leaves; 250 rows per leaf (500K) reached 0.997
+# at one leaf, as much as a 1M sample, for 100 s more build time (366 s).
+TREE_TRAINING_ROWS_PER_LEAF = 250
 # Settings that indexes of earlier versions may record and that no longer exist:
 # all chose how the index was tuned, so loading ignores them.
 RETIRED_SETTINGS = ("tuning_own_row_share",)
@@ -106,8 +117,10 @@ class ScannSettings:
       (or, without a target, gives ceil(leaves_to_search_fraction *
       num_leaves)); a value given is kept as it is.
     leaves_to_search_fraction: see leaves_to_search.
-    training_sample_size: rows sampled to train the tree and AH codebooks; 0
-      gives min(n, 250000).
+    training_sample_size: rows sampled to train the AH codebooks; 0 gives
+      min(n, TRAINING_SAMPLE).
+    tree_training_sample_size: rows sampled to train the tree; 0 gives
+      min(n, max(TRAINING_SAMPLE, TREE_TRAINING_ROWS_PER_LEAF * num_leaves)).
     min_partition_size: smallest tree leaf ScaNN keeps.
     training_iterations: k-means iterations for the tree.
     spherical: spherical k-means for the tree (unit-norm leaf centres). For
@@ -160,6 +173,7 @@ class ScannSettings:
   leaves_to_search: int = 0
   leaves_to_search_fraction: float = 0.03
   training_sample_size: int = 0
+  tree_training_sample_size: int = 0
   min_partition_size: int = 50
   training_iterations: int = 12
   spherical: bool = True
@@ -240,7 +254,10 @@ class ScannSettings:
     return dataclasses.replace(
         self, mode=mode, num_leaves=num_leaves, reorder_dtype=dtype,
         leaves_to_search=min(leaves, num_leaves),
-        training_sample_size=self.training_sample_size or min(num, 250_000),
+        training_sample_size=self.training_sample_size or min(
+            num, TRAINING_SAMPLE),
+        tree_training_sample_size=self.tree_training_sample_size or min(
+            num, max(TRAINING_SAMPLE, TREE_TRAINING_ROWS_PER_LEAF * num_leaves)),
         reorder_num_neighbors=self.reorder_num_neighbors or 250)
 
   def tuning_scale(self) -> float:
@@ -442,7 +459,7 @@ class ScannSearch(SearchIndex):
     if s.mode == "tree_ah":
       builder = builder.tree(
           num_leaves=s.num_leaves, num_leaves_to_search=s.leaves_to_search,
-          training_sample_size=s.training_sample_size,
+          training_sample_size=s.tree_training_sample_size,
           min_partition_size=s.min_partition_size,
           training_iterations=s.training_iterations,
           spherical=s.spherical, soar_lambda=s.soar_lambda)
