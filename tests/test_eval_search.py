@@ -636,3 +636,28 @@ def test_smallest_passing_brackets_the_threshold(high_passes):
   assert any(x < 37 for x in tried) and len(tried) <= 12
   assert tuning.smallest_passing(1, 50, lambda x: False) == (50, False)
   assert tuning.smallest_passing(4, 50, lambda x: True) == (4, True)
+
+
+class _ThresholdMeter:
+  """Passes a setting when it reorders at least `needed` candidates."""
+
+  def __init__(self, needed):
+    self.needed, self.tried = needed, []
+
+  def passes(self, leaves, reorder, target):
+    self.tried.append(reorder)
+    return reorder >= self.needed
+
+
+@pytest.mark.parametrize("needed", [60, 10089])
+def test_reordering_is_chosen_within_a_quarter_or_a_fixed_gap(needed):
+  # A flat index at 1M rows may rescore up to 20,000 candidates, and needed
+  # 10,089 for 0.99 on one benchmark: a quarter (of the count chosen, so a
+  # third of the count needed) above that is over 3,000 candidates, 10% of
+  # its speed, where a third of 60 is a handful.
+  meter = _ThresholdMeter(needed)
+  leaves, reorder = tuning.choose_settings(meter, 0.99, k=10, num_leaves=None,
+                                           max_reorder=20000)
+  assert leaves is None
+  assert needed <= reorder <= needed + min(needed // 3, tuning.REORDER_GAP)
+  assert any(x < needed for x in meter.tried) and len(meter.tried) <= 14
