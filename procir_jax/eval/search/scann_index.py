@@ -94,7 +94,7 @@ FLAT_DIMS_PER_BLOCK = (2, 4)
 # still win: on 1M x 1024 overlapping clusters, the scan of 4 dimensions per
 # code took 4.4 ms a query, of 2 dimensions 10.2 ms, and each candidate
 # rescored 0.24 us (2 cores), so 2% of the rows. There, for 0.99 on gallery-
-# derived queries, 4 dimensions per code needed 12,436 rescored (133 queries/s)
+# derived queries, 4 dimensions per code needed 10,407 rescored (139 queries/s)
 # and 2 dimensions 423 (97); within 0.4% the former missed it.
 FLAT_MAX_REORDER_SHARE = 0.02
 

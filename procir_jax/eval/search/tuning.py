@@ -73,6 +73,7 @@ settings it leaves in doubt are searched with the rest.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -279,7 +280,7 @@ def calibrate_noise(gallery: np.ndarray, rows: np.ndarray,
 
 def smallest_passing(low: int, high: int, passes: Callable[[int], bool],
                      tolerance: float = 0.1, high_passes: bool = False,
-                     step: int = 1, max_gap: int | None = None):
+                     step: int = 1, max_gap: float = math.inf):
   """The smallest value in [low, high] that passes, for a monotone test.
 
   Doubles from `low` until a value passes, then bisects between the last
@@ -303,13 +304,7 @@ def smallest_passing(low: int, high: int, passes: Callable[[int], bool],
       failing, value = value, min(2 * value, high)
     if failing is None:
       return value, True
-  def close_enough():
-    gap = int(tolerance * value)
-    if max_gap is not None:
-      gap = min(gap, max_gap)
-    return value - failing <= max(step, gap)
-
-  while not close_enough():
+  while value - failing > max(step, min(int(tolerance * value), max_gap)):
     middle = (int(round(np.sqrt(failing * value))) if high_passes
               else (failing + value) // 2)
     middle = min(max(middle, failing + 1), value - 1)
